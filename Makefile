@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SAMPLES := sample_checkpoints
+
+.PHONY: run test lint bench samples clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev,peft]'
+	touch $(VENV)/.installed $@
+
+run: $(VENV)/.installed
+	$(BIN)/svdrank inspect $(SAMPLES)/tuned-sharded --format table
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check svdrank tests benchmarks $(SAMPLES)
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check svdrank tests benchmarks $(SAMPLES)
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks
+
+samples: $(VENV)/.installed
+	$(BIN)/python $(SAMPLES)/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,244 @@
+"""Match base and tuned tensors by name and decide which pairs are layers.
+
+A layer is a 2-D floating tensor present in both checkpoints with the same
+shape (4-D conv kernels too, reshaped, when asked). Every other tensor is
+listed as skipped with its reason, so a user can see why a name is missing
+from the analysis.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from svdrank.checkpoint import Checkpoint, TensorInfo
+from svdrank.errors import PairingError
+
+SKIP_REASONS: dict[str, str] = {
+    "not-2d": "not a matrix (bias, norm or other non-2-D tensor)",
+    "not-floating": "integer or bool tensor (a buffer, never a weight)",
+    "shape-mismatch": "shapes differ between base and tuned",
+    "only-in-base": "only in the base checkpoint",
+    "only-in-tuned": "only in the tuned checkpoint",
+    "conv": "4-D conv kernel (analyse with --include-conv)",
+    "excluded": "left out by --include/--exclude",
+}
+
+EMBEDDING_KINDS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "embed_in")
+LM_HEAD_KINDS = ("lm_head", "embed_out")
+PREFIX_DEPTH = 3
+_BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight matrix present in both checkpoints with the same shape.
+
+    ``shape`` is the matrix shape analysed: a conv kernel (out, in, kh, kw) is
+    analysed as (out, in·kh·kw). ``role`` is ``linear``, ``embedding``,
+    ``lm_head`` or ``conv``.
+    """
+
+    name: str
+    module: str
+    kind: str
+    block: int | None
+    shape: tuple[int, int]
+    role: str
+    base: TensorInfo
+    tuned: TensorInfo
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor that is not analysed, with the reason code (a key of SKIP_REASONS)."""
+
+    name: str
+    reason: str
+    detail: str = ""
+
+    @property
+    def explanation(self) -> str:
+        """The reason in words, with the detail when there is one."""
+        text = SKIP_REASONS[self.reason]
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The layers to analyse, the tensors skipped, and the prefixes stripped to match names."""
+
+    layers: tuple[Layer, ...]
+    skipped: tuple[Skipped, ...]
+    base_prefix: str
+    tuned_prefix: str
+
+
+def module_of(name: str) -> str:
+    """The module name: the tensor name without a trailing ``.weight``."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def kind_of(module: str) -> str:
+    """The last dotted component of a module name (``q_proj``)."""
+    return module.rsplit(".", 1)[-1]
+
+
+def block_of(name: str) -> int | None:
+    """The first integer component of a dotted name, or None."""
+    match = _BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def role_of(kind: str, ndim: int) -> str:
+    """Classify a layer as linear, embedding, lm_head or conv."""
+    if ndim == 4:
+        return "conv"
+    if kind in LM_HEAD_KINDS:
+        return "lm_head"
+    if kind in EMBEDDING_KINDS or "embed" in kind:
+        return "embedding"
+    return "linear"
+
+
+def pair_checkpoints(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    include_conv: bool = False,
+) -> Pairing:
+    """Match the two checkpoints' tensors and split them into layers and skipped tensors.
+
+    Names may differ by one consistent prefix (``model.`` against none,
+    ``base_model.model.``); the prefix that matches the most names is stripped.
+    Layers keep the base checkpoint's names.
+
+    Parameters
+    ----------
+    base, tuned : Checkpoint
+        The checkpoints before and after fine-tuning.
+    include, exclude : sequence of str
+        Glob patterns on module names: a layer must match one ``include``
+        pattern (when any are given) and no ``exclude`` pattern.
+    include_conv : bool
+        Analyse 4-D conv kernels reshaped to (out, in·kh·kw).
+
+    Returns
+    -------
+    Pairing
+
+    Raises
+    ------
+    PairingError
+        If no layer is common to both checkpoints.
+    """
+    base_prefix, tuned_prefix = find_prefixes(list(base.tensors), list(tuned.tensors))
+    base_keys = {_strip(name, base_prefix): info for name, info in base.tensors.items()}
+    tuned_keys = {_strip(name, tuned_prefix): info for name, info in tuned.tensors.items()}
+    layers: list[Layer] = []
+    skipped: list[Skipped] = []
+    for key, info in base_keys.items():
+        other = tuned_keys.get(key)
+        outcome = _classify(info, other, include, exclude, include_conv)
+        (layers if isinstance(outcome, Layer) else skipped).append(outcome)
+    skipped += [
+        Skipped(info.name, "only-in-tuned") for key, info in tuned_keys.items() if key not in base_keys
+    ]
+    if not layers:
+        raise PairingError(_no_layers_message(base, tuned, skipped))
+    return Pairing(tuple(layers), tuple(skipped), base_prefix, tuned_prefix)
+
+
+def _classify(
+    base: TensorInfo,
+    tuned: TensorInfo | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    include_conv: bool,
+) -> Layer | Skipped:
+    """Decide whether one base tensor and its tuned partner make a layer."""
+    if tuned is None:
+        return Skipped(base.name, "only-in-base")
+    if not (base.floating and tuned.floating):
+        return Skipped(base.name, "not-floating", f"{base.dtype}/{tuned.dtype}")
+    if base.shape != tuned.shape:
+        return Skipped(base.name, "shape-mismatch", f"base {list(base.shape)}, tuned {list(tuned.shape)}")
+    if len(base.shape) == 4 and not include_conv:
+        return Skipped(base.name, "conv", str(list(base.shape)))
+    if len(base.shape) not in (2, 4) or 0 in base.shape:
+        return Skipped(base.name, "not-2d", str(list(base.shape)))
+    module = module_of(base.name)
+    if not _selected(module, include, exclude):
+        return Skipped(base.name, "excluded")
+    out, *rest = base.shape
+    shape = (out, rest[0] * (rest[1] * rest[2] if len(rest) == 3 else 1))
+    kind = kind_of(module)
+    return Layer(
+        name=base.name,
+        module=module,
+        kind=kind,
+        block=block_of(module),
+        shape=shape,
+        role=role_of(kind, len(base.shape)),
+        base=base,
+        tuned=tuned,
+    )
+
+
+def _selected(module: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether a module passes the include and exclude glob patterns."""
+    if include and not any(fnmatch.fnmatchcase(module, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatchcase(module, pattern) for pattern in exclude)
+
+
+def find_prefixes(base_names: Sequence[str], tuned_names: Sequence[str]) -> tuple[str, str]:
+    """The (base, tuned) prefixes whose removal makes the most names match.
+
+    At most one side gets a prefix: the difference must be one consistent
+    prefix such as ``model.`` or ``base_model.model.``. Ties go to no prefix.
+    """
+    best = ("", "")
+    best_matches = _matches(base_names, tuned_names, "", "")
+    for side, names in (("base", base_names), ("tuned", tuned_names)):
+        for prefix in sorted(_candidate_prefixes(names)):
+            prefixes = (prefix, "") if side == "base" else ("", prefix)
+            matches = _matches(base_names, tuned_names, *prefixes)
+            if matches > best_matches:
+                best, best_matches = prefixes, matches
+    return best
+
+
+def _candidate_prefixes(names: Sequence[str]) -> set[str]:
+    """Dotted prefixes of up to PREFIX_DEPTH components that occur in the names."""
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, min(PREFIX_DEPTH, len(parts) - 1) + 1):
+            found.add(".".join(parts[:depth]) + ".")
+    return found
+
+
+def _matches(base_names: Sequence[str], tuned_names: Sequence[str], pb: str, pt: str) -> int:
+    """How many names are equal after stripping the given prefixes."""
+    return len({_strip(n, pb) for n in base_names} & {_strip(n, pt) for n in tuned_names})
+
+
+def _strip(name: str, prefix: str) -> str:
+    """Remove a prefix when the name has it."""
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+
+
+def _no_layers_message(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped]) -> str:
+    """Explain in one line why no layer was found."""
+    counts: dict[str, int] = {}
+    for item in skipped:
+        counts[item.reason] = counts.get(item.reason, 0) + 1
+    summary = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+    return (
+        f"no layers in common between {base.path} and {tuned.path} "
+        f"(2-D floating tensors with the same name and shape); skipped: {summary or 'nothing'}"
+    )
