@@ -79,7 +79,9 @@ def models(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, n
         block = int(name.split(".")[2]) if ".layers." in name else 0
         weight = rng.standard_normal(shape) * BASE_SCALE
         base[name] = weight
-        update = 0.0 if name == ZERO_UPDATE else planted(rng, shape, spectrum(kind, min(shape), block))
+        update = (
+            0.0 if name == ZERO_UPDATE else planted(rng, shape, spectrum(kind, min(shape), block))
+        )
         tuned[name] = weight + update
     for block in range(BLOCKS):
         for norm in ("input_layernorm", "post_attention_layernorm"):

@@ -278,7 +278,9 @@ def _decode_header(file: Path, header_bytes: bytes) -> dict:
     try:
         header = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: not a safetensors file (invalid header JSON: {exc})") from exc
+        raise CheckpointError(
+            f"{file}: not a safetensors file (invalid header JSON: {exc})"
+        ) from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
     return header

@@ -30,6 +30,7 @@ EMBEDDING_KINDS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings"
 LM_HEAD_KINDS = ("lm_head", "embed_out")
 PREFIX_DEPTH = 3
 _BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_DIGITS = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,11 @@ def block_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.11``."""
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(name))
+
+
 def role_of(kind: str, ndim: int) -> str:
     """Classify a layer as linear, embedding, lm_head or conv."""
     if ndim == 4:
@@ -145,10 +151,14 @@ def pair_checkpoints(
         outcome = _classify(info, other, include, exclude, include_conv)
         (layers if isinstance(outcome, Layer) else skipped).append(outcome)
     skipped += [
-        Skipped(info.name, "only-in-tuned") for key, info in tuned_keys.items() if key not in base_keys
+        Skipped(info.name, "only-in-tuned")
+        for key, info in tuned_keys.items()
+        if key not in base_keys
     ]
     if not layers:
         raise PairingError(_no_layers_message(base, tuned, skipped))
+    layers.sort(key=lambda layer: natural_key(layer.name))
+    skipped.sort(key=lambda item: natural_key(item.name))
     return Pairing(tuple(layers), tuple(skipped), base_prefix, tuned_prefix)
 
 
@@ -165,7 +175,8 @@ def _classify(
     if not (base.floating and tuned.floating):
         return Skipped(base.name, "not-floating", f"{base.dtype}/{tuned.dtype}")
     if base.shape != tuned.shape:
-        return Skipped(base.name, "shape-mismatch", f"base {list(base.shape)}, tuned {list(tuned.shape)}")
+        shapes = f"base {list(base.shape)}, tuned {list(tuned.shape)}"
+        return Skipped(base.name, "shape-mismatch", shapes)
     if len(base.shape) == 4 and not include_conv:
         return Skipped(base.name, "conv", str(list(base.shape)))
     if len(base.shape) not in (2, 4) or 0 in base.shape:

@@ -34,7 +34,9 @@ def inspect_tables(checkpoint: Checkpoint) -> list[Table]:
     for column in ("name", "shape", "dtype", "size"):
         tensors.add_column(column, justify="right" if column == "size" else "left")
     for info in checkpoint.tensors.values():
-        tensors.add_row(info.name, "×".join(map(str, info.shape)), info.dtype, human_bytes(info.nbytes))
+        tensors.add_row(
+            info.name, "x".join(map(str, info.shape)), info.dtype, human_bytes(info.nbytes)
+        )
     return [
         tensors,
         _totals_table("per dtype", checkpoint, lambda info: info.dtype),
@@ -54,7 +56,9 @@ def _totals_table(title: str, checkpoint: Checkpoint, key) -> Table:
     for column in ("tensors", "parameters", "size"):
         table.add_column(column, justify="right")
     for group in sorted(counts):
-        table.add_row(group, str(counts[group]), human_count(params[group]), human_bytes(sizes[group]))
+        table.add_row(
+            group, str(counts[group]), human_count(params[group]), human_bytes(sizes[group])
+        )
     table.add_row(
         "all",
         str(sum(counts.values())),

@@ -1,0 +1,43 @@
+"""Shared fixtures: checkpoints written by the safetensors library itself, and the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from svdrank.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "sample_checkpoints"
+
+
+def write_checkpoint(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """Write tensors with safetensors' own writer (an independent reference for our reader)."""
+    save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, path)
+    return path
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the real command line; returns click's Result (stdout, stderr, exit_code)."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(arg) for arg in args])
+
+    return invoke
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit 2, one ``svdrank: error:`` line on stderr naming each fragment, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("svdrank: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
