@@ -1,0 +1,194 @@
+"""Choose an engine per layer and grow truncated spectra until they hold enough energy.
+
+``decompose`` is the one entry point the analysis uses. Truncated engines start
+from a few values and grow k (the randomized sketch keeps its basis and only
+adds columns) until Σσᵢ² reaches ``max_energy`` of ‖ΔW‖_F², or hand over to a
+complete engine once that is cheaper; each Spectrum records what was used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from svdrank.engines import (
+    Spectrum,
+    check_finite,
+    exact_values,
+    extend_range,
+    gram_values,
+    lanczos_values,
+    projected_values,
+)
+from svdrank.errors import UsageError
+
+ENGINES = ("auto", "exact", "gram", "randomized", "lanczos")
+NORMALIZERS = ("lu", "qr", "none")
+LANCZOS_SOLVERS = ("arpack", "propack")
+EXACT_BELOW = 256
+"""auto: layers whose smaller side is at most this go to the exact engine (it is cheap there)."""
+FIRST_K = 32
+"""Truncated engines start with this many values."""
+TRUNCATED_SHARE = 0.2
+"""Truncated engines hand over to a complete one once k + oversample exceeds this share of
+min(m, n): past it, Gram's one SYRK plus eigensolver costs less than the sketch's passes."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How :func:`decompose` computes a spectrum; the defaults suit fine-tuning updates.
+
+    ``complete`` asks for the whole spectrum (the ``nuclear`` metric needs it);
+    it routes every layer to the exact engine.
+    """
+
+    engine: str = "auto"
+    max_energy: float = 0.95
+    oversample: int = 10
+    power_iters: int = 2
+    normalizer: str = "lu"
+    lanczos_solver: str = "arpack"
+    complete: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.lanczos_solver not in LANCZOS_SOLVERS:
+            raise UsageError(f"unknown Lanczos solver {self.lanczos_solver!r} (arpack, propack)")
+        if self.normalizer not in NORMALIZERS:
+            raise UsageError(
+                f"unknown normalizer {self.normalizer!r}; choose one of {', '.join(NORMALIZERS)}"
+            )
+        if not 0.0 < self.max_energy <= 1.0:
+            raise UsageError(f"--max-energy must be in (0, 1], got {self.max_energy}")
+        if self.oversample < 0 or self.power_iters < 0:
+            raise UsageError("--oversample and --power-iters must be ≥ 0")
+
+
+def decompose(
+    delta: np.ndarray,
+    settings: EngineSettings,
+    rng: np.random.Generator,
+    name: str = "ΔW",
+) -> Spectrum:
+    """The spectrum of one layer's update, by the engine the settings ask for.
+
+    ``auto`` sends small layers (min(m, n) ≤ EXACT_BELOW) to ``exact`` and the
+    rest to adaptive ``randomized``, whose first sketch doubles as a decay
+    probe: when the spectrum is too flat for a sketch to pay off, the layer goes
+    to ``gram``. Truncated engines stop as soon as their values hold
+    ``max_energy`` of ‖ΔW‖_F².
+
+    Parameters
+    ----------
+    delta : ndarray, shape (m, n), float32 or float64
+    settings : EngineSettings
+    rng : numpy.random.Generator
+        Drives the random sketches and Krylov start vectors.
+    name : str
+        The layer's name, for error messages.
+
+    Returns
+    -------
+    Spectrum
+
+    Raises
+    ------
+    NumericalError
+        If ΔW holds NaN or Inf.
+    """
+    total = check_finite(delta, name)
+    if total == 0.0:
+        return Spectrum(np.zeros(0), 0.0, complete=True, engine="zero")
+    engine = settings.engine
+    small = min(delta.shape) <= EXACT_BELOW
+    if settings.complete or engine == "exact" or (engine == "auto" and small):
+        return Spectrum(_as_float64(exact_values(delta)), total, True, "exact")
+    if engine == "gram":
+        return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
+    if engine == "lanczos":
+        return _adaptive_lanczos(delta, total, settings, rng)
+    return _adaptive_randomized(delta, total, settings, rng)
+
+
+def _as_float64(values: np.ndarray) -> np.ndarray:
+    """Singular values as float64, the precision the energy sums use."""
+    return np.asarray(values, dtype=np.float64)
+
+
+def _complete_spectrum(delta: np.ndarray, total: float) -> Spectrum:
+    """The whole spectrum by the cheaper complete engine: exact when small, else Gram."""
+    if min(delta.shape) <= EXACT_BELOW:
+        return Spectrum(_as_float64(exact_values(delta)), total, True, "exact")
+    return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
+
+
+def truncation_limit(shape: tuple[int, int]) -> int:
+    """The largest sketch width worth using before a complete engine is cheaper."""
+    return int(TRUNCATED_SHARE * min(shape))
+
+
+def reaches(values: np.ndarray, total: float, energy: float) -> bool:
+    """Whether Σσᵢ² (float64) holds at least ``energy`` of the total."""
+    return float(np.sum(np.square(values, dtype=np.float64))) >= energy * total
+
+
+def _adaptive_randomized(
+    delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
+) -> Spectrum:
+    """Randomized values, growing the sketch (reusing its basis) until max_energy is held."""
+    oriented = delta if delta.shape[0] >= delta.shape[1] else delta.T
+    limit = truncation_limit(delta.shape)
+    basis = np.empty((oriented.shape[0], 0), dtype=delta.dtype)
+    k = FIRST_K
+    while k + settings.oversample <= limit:
+        width = k + settings.oversample - basis.shape[1]
+        basis = extend_range(oriented, basis, width, settings.power_iters, settings.normalizer, rng)
+        values = _as_float64(projected_values(oriented, basis)[:k])
+        if reaches(values, total, settings.max_energy):
+            return Spectrum(values, total, False, "randomized")
+        k = next_k(values, total, settings.max_energy, min(delta.shape))
+    return _complete_spectrum(delta, total)
+
+
+def _adaptive_lanczos(
+    delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
+) -> Spectrum:
+    """Lanczos values, restarting with a larger k until max_energy is held.
+
+    ARPACK and PROPACK keep no state between calls, so each larger k starts over.
+    """
+    limit = truncation_limit(delta.shape)
+    k = FIRST_K
+    while k <= limit:
+        values = _as_float64(lanczos_values(delta, k, settings.lanczos_solver, rng))
+        if reaches(values, total, settings.max_energy):
+            return Spectrum(values, total, False, "lanczos")
+        k = next_k(values, total, settings.max_energy, min(delta.shape))
+    return _complete_spectrum(delta, total)
+
+
+def next_k(values: np.ndarray, total: float, energy: float, size: int) -> int:
+    """The next k to try: at least double, more when the decay predicts it.
+
+    Fits σᵢ ≈ c·i^(−β) to the lower three quarters of the values computed,
+    extrapolates the energy of the tail, and returns 1.25x the k at which the
+    extrapolated curve reaches ``energy`` (``size`` when it never does). A
+    slow decay thus jumps straight past the truncation limit to a complete
+    engine instead of sketching in vain.
+    """
+    k = values.size
+    doubled = 2 * k
+    fit = values[k // 4 :]
+    if fit.size < 2 or fit[-1] <= 0.0:
+        return doubled
+    index = np.arange(k // 4 + 1, k + 1, dtype=np.float64)
+    slope, intercept = np.polyfit(np.log(index), np.log(fit), 1)
+    tail_index = np.arange(k + 1, size + 1, dtype=np.float64)
+    tail = np.exp(2.0 * (intercept + slope * np.log(tail_index)))
+    curve = float(np.sum(np.square(values))) + np.cumsum(tail)
+    reached = np.flatnonzero(curve >= energy * total)
+    predicted = k + 1 + int(reached[0]) if reached.size else size
+    return max(doubled, math.ceil(1.25 * predicted))
