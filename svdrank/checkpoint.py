@@ -13,6 +13,7 @@ problem precisely enough for a one-line message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -126,7 +127,7 @@ class Checkpoint:
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Map one tensor's bytes and decode them (see :meth:`Checkpoint.read`)."""
-    stored = _map_tensor(info)
+    stored = read_tensor_view(info)
     dtype = DTYPES[info.dtype]
     if not dtype.floating:
         return np.array(stored)
@@ -134,8 +135,12 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return stored.astype(wide)
 
 
-def _map_tensor(info: TensorInfo) -> np.ndarray:
-    """A read-only view of the tensor's bytes in its stored dtype, backed by mmap."""
+def read_tensor_view(info: TensorInfo) -> np.ndarray:
+    """A read-only view of one tensor in its stored dtype, backed by mmap (no copy).
+
+    Pages are read from disk only when touched; the mapping is released when
+    the last array referring to it goes away.
+    """
     if info.nbytes == 0:
         return np.zeros(info.shape, dtype=DTYPES[info.dtype].numpy)
     granularity = mmap.ALLOCATIONGRANULARITY
@@ -271,6 +276,14 @@ def read_header(file: Path) -> list[TensorInfo]:
     ]
     _check_extent(file, infos, size)
     return infos
+
+
+def header_sha256(file: Path) -> str:
+    """SHA-256 of a file's length prefix and JSON header: identifies it without reading data."""
+    with open(file, "rb") as handle:
+        prefix = handle.read(HEADER_SIZE_BYTES)
+        (header_len,) = struct.unpack("<Q", prefix)
+        return hashlib.sha256(prefix + handle.read(header_len)).hexdigest()
 
 
 def _decode_header(file: Path, header_bytes: bytes) -> dict:

@@ -12,8 +12,18 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from svdrank import __version__, formats, render
+from svdrank.analysis import (
+    DEFAULT_ANALYSIS,
+    analysis_record,
+    analyze,
+    check_writable,
+    save_analysis,
+    write_atomically,
+)
 from svdrank.checkpoint import open_checkpoint
-from svdrank.errors import SvdrankError
+from svdrank.errors import SvdrankError, UsageError
+from svdrank.policy import DEFAULT_PRESET, PRESETS, RankPlan
+from svdrank.policy import recommend as recommend_ranks
 
 err_console = Console(stderr=True)
 
@@ -106,6 +116,254 @@ def inspect(
         sys.stdout.write(formats.dumps(formats.inspect_record(opened)))
     else:
         render.print_tables(_stdout(), render.inspect_tables(opened))
+
+
+class Engine(str, Enum):
+    """Spectrum engines (see DESIGN.md, Engines)."""
+
+    auto = "auto"
+    exact = "exact"
+    gram = "gram"
+    randomized = "randomized"
+    lanczos = "lanczos"
+
+
+class Metric(str, Enum):
+    """Energy metrics."""
+
+    fro = "fro"
+    nuclear = "nuclear"
+
+
+class Normalizer(str, Enum):
+    """Power-iteration normalisers of the randomized engine."""
+
+    lu = "lu"
+    qr = "qr"
+    none = "none"
+
+
+class Preset(str, Enum):
+    """Named energy targets."""
+
+    conservative = "conservative"
+    balanced = "balanced"
+    aggressive = "aggressive"
+
+
+class RankFormat(str, Enum):
+    """Output formats of ``recommend``."""
+
+    table = "table"
+    json = "json"
+    peft = "peft"
+    csv = "csv"
+    markdown = "markdown"
+
+
+SUFFIX_FORMATS = {".json": RankFormat.json, ".csv": RankFormat.csv, ".md": RankFormat.markdown}
+
+
+@app.command()
+def diff(
+    base: Annotated[
+        Path,
+        typer.Argument(help="Base checkpoint: file, shard directory or index.", show_default=False),
+    ],
+    tuned: Annotated[
+        Path,
+        typer.Argument(
+            help="Tuned checkpoint: file, shard directory or index.", show_default=False
+        ),
+    ],
+    engine: Annotated[
+        Engine,
+        typer.Option(help="How singular values are computed; auto picks per layer."),
+    ] = Engine.auto,
+    metric: Annotated[
+        Metric,
+        typer.Option(help="fro: Σσ² share (LoRA error); nuclear: Σσ share (needs exact SVD)."),
+    ] = Metric.fro,
+    max_energy: Annotated[
+        float,
+        typer.Option(help="Truncated engines compute values until they hold this energy share."),
+    ] = 0.95,
+    normalizer: Annotated[
+        Normalizer, typer.Option(help="Randomized engine: power-iteration normaliser.")
+    ] = Normalizer.lu,
+    oversample: Annotated[int, typer.Option(help="Randomized engine: extra sketch columns.")] = 10,
+    power_iters: Annotated[int, typer.Option(help="Randomized engine: power iterations.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the random sketches.")] = 0,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Analyse only modules matching this glob (repeatable).", show_default=False
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Leave out modules matching this glob (repeatable).", show_default=False),
+    ] = None,
+    include_conv: Annotated[
+        bool, typer.Option(help="Analyse 4-D conv kernels as (out, in·kh·kw) matrices.")
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Layers decomposed at the same time.")] = 1,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the analysis file.")
+    ] = DEFAULT_ANALYSIS,
+    output_format: Annotated[
+        TableOrJson | None,
+        typer.Option(
+            "--format",
+            help="table or json (the analysis record) on stdout; default: table on a terminal.",
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")
+    ] = False,
+) -> None:
+    """Decompose every layer's update ΔW = tuned − base, print the table, save the analysis."""
+    check_writable(output)
+    with render.layer_progress(err_console, err_console.is_terminal and not quiet) as progress:
+        analysis = analyze(
+            base,
+            tuned,
+            engine=engine.value,
+            metric=metric.value,
+            max_energy=max_energy,
+            oversample=oversample,
+            power_iters=power_iters,
+            normalizer=normalizer.value,
+            seed=seed,
+            include=include or (),
+            exclude=exclude or (),
+            include_conv=include_conv,
+            workers=workers,
+            progress=progress,
+        )
+    save_analysis(analysis, output)
+    if _wants_json(output_format):
+        sys.stdout.write(formats.dumps(analysis_record(analysis)))
+    else:
+        render.print_tables(_stdout(), render.diff_tables(analysis))
+    if not quiet:
+        err_console.print(
+            f"wrote {output} ({len(analysis.layers)} layers, {len(analysis.skipped)} skipped)",
+            highlight=False,
+        )
+
+
+@app.command()
+def recommend(
+    analysis: Annotated[
+        Path, typer.Argument(help="Analysis file written by `svdrank diff`.")
+    ] = DEFAULT_ANALYSIS,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Energy share each layer keeps, in (0, 1].", show_default=False),
+    ] = None,
+    preset: Annotated[
+        Preset | None,
+        typer.Option(
+            help="conservative 0.95, balanced 0.90, aggressive 0.85. "
+            "No --energy/--preset/--sv-ratio/--threshold: the three presets side by side.",
+            show_default=False,
+        ),
+    ] = None,
+    sv_ratio: Annotated[
+        float | None,
+        typer.Option(help="Keep the σ ≥ σ₁/R (kohya's sv_ratio).", show_default=False),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Keep the σ ≥ T (absolute threshold).", show_default=False),
+    ] = None,
+    metric: Annotated[
+        Metric | None,
+        typer.Option(help="fro or nuclear; default: the analysis's metric.", show_default=False),
+    ] = None,
+    min_rank: Annotated[
+        int, typer.Option(help="Lowest rank for a layer with a non-zero update.")
+    ] = 0,
+    max_rank: Annotated[
+        int | None, typer.Option(help="Highest rank for any layer.", show_default=False)
+    ] = None,
+    multiple_of: Annotated[int, typer.Option(help="Round ranks up to a multiple of N.")] = 1,
+    alpha_ratio: Annotated[
+        float, typer.Option(help="PEFT output: lora_alpha = ratio·r for every module.")
+    ] = formats.DEFAULT_ALPHA_RATIO,
+    output_format: Annotated[
+        RankFormat | None,
+        typer.Option(
+            "--format",
+            help="table, json (svdrank.ranks/1), peft (LoraConfig kwargs), csv or markdown; "
+            "default: table on a terminal, json when piped or by -o's suffix.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write to this file instead of stdout.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Recommend per-layer LoRA ranks from an analysis file (no checkpoints are read)."""
+    if output is not None:
+        check_writable(output)
+    plans = recommend_ranks(
+        analysis,
+        energy=energy,
+        preset=preset.value if preset else None,
+        sv_ratio=sv_ratio,
+        threshold=threshold,
+        metric=metric.value if metric else None,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        multiple_of=multiple_of,
+    )
+    chosen = _rank_format(output_format, output)
+    if chosen is RankFormat.table:
+        render.print_tables(_stdout(), [render.plans_table(plans)])
+        return
+    text = _rank_text(plans, chosen, alpha_ratio, str(analysis))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomically(output, text)
+        err_console.print(f"wrote {output} ({chosen.value})", highlight=False)
+
+
+def _rank_format(requested: RankFormat | None, output: Path | None) -> RankFormat:
+    """The format asked for, else by -o's suffix, else table on a terminal and json piped."""
+    if requested is not None:
+        if requested is RankFormat.table and output is not None:
+            raise UsageError(
+                "--format table prints to the terminal; choose json, peft, csv or markdown with -o"
+            )
+        return requested
+    if output is not None:
+        return SUFFIX_FORMATS.get(output.suffix.lower(), RankFormat.json)
+    return RankFormat.json if _wants_json(None) else RankFormat.table
+
+
+def _rank_text(plans: list[RankPlan], chosen: RankFormat, alpha_ratio: float, source: str) -> str:
+    """Render plans in a machine format; JSON formats take one plan (balanced by default)."""
+    if chosen is RankFormat.csv:
+        return formats.plans_csv(plans)
+    if chosen is RankFormat.markdown:
+        return formats.plans_markdown(plans)
+    if len(plans) > 1:
+        err_console.print(
+            f"svdrank: no --energy or --preset given: writing the {DEFAULT_PRESET} preset "
+            f"({PRESETS[DEFAULT_PRESET]:.2f})",
+            highlight=False,
+        )
+        plans = [next(p for p in plans if p.mode.label == DEFAULT_PRESET)]
+    if chosen is RankFormat.peft:
+        return formats.dumps(formats.peft_record(plans[0], alpha_ratio))
+    return formats.dumps(formats.ranks_record(plans[0], source))
 
 
 def main() -> None:

@@ -1,11 +1,16 @@
-"""The JSON edge: records written for machines and read back, each with a schema version."""
+"""The machine edge: JSON records (each with a schema version), PEFT configs, CSV, Markdown."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from collections import Counter
 from typing import Any
 
 from svdrank.checkpoint import Checkpoint
+from svdrank.errors import UsageError
+from svdrank.policy import PRESETS, RankPlan
 
 INSPECT_SCHEMA = "svdrank.inspect/1"
 
@@ -43,3 +48,120 @@ def inspect_record(checkpoint: Checkpoint) -> dict[str, Any]:
 def dumps(record: dict[str, Any]) -> str:
     """Serialise a record as indented JSON with a trailing newline."""
     return json.dumps(record, indent=2) + "\n"
+
+
+RANKS_SCHEMA = "svdrank.ranks/1"
+DEFAULT_ALPHA_RATIO = 2.0
+"""lora_alpha = 2·r for every module: the common r=16/α=32 recipe, kept per module so the
+LoRA scale α/r is the same everywhere whatever rank a module gets."""
+
+
+def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[str, Any]:
+    """A plan as native JSON (schema ``svdrank.ranks/1``)."""
+    mode = rank_plan.mode
+    constraints = rank_plan.constraints
+    return {
+        "schema": RANKS_SCHEMA,
+        "analysis": analysis_path,
+        "mode": mode.kind,
+        "preset": mode.label if mode.label in PRESETS else None,
+        "target": mode.value,
+        "metric": rank_plan.metric,
+        "constraints": {
+            "min_rank": constraints.min_rank,
+            "max_rank": constraints.max_rank,
+            "multiple_of": constraints.multiple_of,
+        },
+        "modules": {
+            item.layer.module: {
+                "rank": item.rank,
+                "energy": round(item.energy, 6),
+                "params": item.params,
+                "shape": list(item.layer.shape),
+                "kind": item.layer.kind,
+            }
+            for item in rank_plan.layers
+        },
+        "totals": {
+            "params": rank_plan.params,
+            "full_params": rank_plan.full_params,
+            "ratio": rank_plan.params / rank_plan.full_params if rank_plan.full_params else 0.0,
+            "energy": round(rank_plan.energy, 6),
+        },
+    }
+
+
+def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -> dict[str, Any]:
+    """A plan as keyword arguments that ``peft.LoraConfig(**record)`` accepts as is.
+
+    Every module with a non-zero rank is targeted by its full name. ``r`` is the
+    most common rank; the others go to ``rank_pattern`` (and their alpha to
+    ``alpha_pattern``) keyed by full module name. PEFT matches a pattern key
+    with ``re.match(rf"(.*\\.)?({key})$", module_name)``, so a full name only
+    matches itself or the same path under a wrapper prefix: ``layers.1.`` can
+    never catch ``layers.11.``.
+    """
+    targeted = [item for item in rank_plan.layers if item.rank > 0]
+    if not targeted:
+        raise UsageError("every layer got rank 0 (the updates are zero): nothing to target")
+    ranks = Counter(item.rank for item in targeted)
+    default = max(sorted(ranks), key=lambda rank: ranks[rank])
+    different = [item for item in targeted if item.rank != default]
+    return {
+        "r": default,
+        "lora_alpha": _alpha(default, alpha_ratio),
+        "target_modules": [item.layer.module for item in targeted],
+        "rank_pattern": {item.layer.module: item.rank for item in different},
+        "alpha_pattern": {item.layer.module: _alpha(item.rank, alpha_ratio) for item in different},
+    }
+
+
+def _alpha(rank: int, ratio: float) -> float | int:
+    """lora_alpha = ratio·rank, as an int when it is whole."""
+    alpha = ratio * rank
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+PLAN_COLUMNS = ("module", "kind", "block", "shape")
+
+
+def _plan_rows(plans: list[RankPlan]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side layer table of one or more plans."""
+    header = list(PLAN_COLUMNS)
+    for rank_plan in plans:
+        header += [f"rank {rank_plan.mode.label}", f"energy {rank_plan.mode.label}"]
+    rows = []
+    for index, first in enumerate(plans[0].layers):
+        layer = first.layer
+        row = [
+            layer.module,
+            layer.kind,
+            "" if layer.block is None else str(layer.block),
+            "x".join(map(str, layer.shape)),
+        ]
+        for rank_plan in plans:
+            item = rank_plan.layers[index]
+            row += [str(item.rank), f"{item.energy:.4f}"]
+        rows.append(row)
+    return header, rows
+
+
+def plans_csv(plans: list[RankPlan]) -> str:
+    """One row per layer, rank and retained energy for each plan side by side."""
+    header, rows = _plan_rows(plans)
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow([column.replace(" ", "_") for column in header])
+    writer.writerows(rows)
+    return stream.getvalue()
+
+
+def plans_markdown(plans: list[RankPlan]) -> str:
+    """A GitHub Markdown table of the plans, with a totals row."""
+    header, rows = _plan_rows(plans)
+    totals = ["**total**", "", "", ""]
+    for rank_plan in plans:
+        totals += [f"{rank_plan.params:,} params", f"{rank_plan.energy:.4f}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in [*rows, totals]]
+    return "\n".join(lines) + "\n"

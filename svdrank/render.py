@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from svdrank.analysis import Analysis, Progress, ProgressUpdate
 from svdrank.checkpoint import Checkpoint
-from svdrank.pairing import kind_of, module_of
+from svdrank.energy import rank_at, retained_energy
+from svdrank.engines import Spectrum
+from svdrank.pairing import SKIP_REASONS, kind_of, module_of
+from svdrank.policy import PRESETS, RankPlan, plan, preset_mode
 
 
 def human_bytes(count: float) -> str:
@@ -73,3 +87,156 @@ def print_tables(console: Console, tables: list[Table]) -> None:
     """Print tables one after another."""
     for table in tables:
         console.print(table)
+
+
+DIFF_TARGETS = (0.95, 0.90, 0.85)
+DIFF_UNIFORM_RANKS = (8, 16, 64)
+
+
+def diff_tables(analysis: Analysis) -> list[Table]:
+    """The per-layer table, the per-kind summary and the skipped tensors of an analysis."""
+    plans = [plan(analysis, preset_mode(name)) for name in PRESETS]
+    tables = [_layer_table(analysis), _kind_table(plans)]
+    if analysis.skipped:
+        tables.append(_skipped_table(analysis))
+    return tables
+
+
+def _layer_table(analysis: Analysis) -> Table:
+    """One row per layer: norms, ranks at 95/90/85 %, energy kept at r = 8/16/64, engine."""
+    table = Table(title=f"{len(analysis.layers)} layers", title_justify="left")
+    table.add_column("module")
+    table.add_column("shape")
+    for column in ("‖ΔW‖", "‖ΔW‖/‖W‖"):
+        table.add_column(column, justify="right")
+    for target in DIFF_TARGETS:
+        table.add_column(f"r@{target:.0%}", justify="right")
+    for rank in DIFF_UNIFORM_RANKS:
+        table.add_column(f"E(r={rank})", justify="right")
+    table.add_column("engine")
+    metric = analysis.settings.metric
+    for layer in analysis.layers:
+        spectrum = layer.spectrum
+        ranks = [str(rank_at(spectrum, target, metric)) for target in DIFF_TARGETS]
+        kept = [_energy_text(spectrum, rank, metric) for rank in DIFF_UNIFORM_RANKS]
+        table.add_row(
+            layer.module,
+            "x".join(map(str, layer.shape)),
+            f"{layer.delta_norm:.4g}",
+            f"{layer.relative_change:.3f}",
+            *ranks,
+            *kept,
+            spectrum.engine + ("" if spectrum.complete else f" k={spectrum.k}"),
+        )
+    return table
+
+
+def _energy_text(spectrum: Spectrum, rank: int, metric: str) -> str:
+    """E(rank) as a percentage; '≥' marks a lower bound beyond a truncated spectrum."""
+    bound = "≥" if not spectrum.complete and rank > spectrum.k else ""
+    return f"{bound}{retained_energy(spectrum, rank, metric):.1%}"
+
+
+def _kind_table(plans: list[RankPlan]) -> Table:
+    """LoRA parameters per kind and preset, against full fine-tuning."""
+    table = Table(title="LoRA parameters per kind", title_justify="left")
+    table.add_column("kind")
+    table.add_column("layers", justify="right")
+    table.add_column("full FT", justify="right")
+    for rank_plan in plans:
+        table.add_column(f"{rank_plan.mode.label} ({rank_plan.mode.value:.0%})", justify="right")
+    kinds: dict[str, list[int]] = {}
+    for position, item in enumerate(plans[0].layers):
+        kinds.setdefault(item.layer.kind, []).append(position)
+    for kind, positions in sorted(kinds.items()):
+        full = sum(plans[0].layers[i].layer.full_params for i in positions)
+        cells = [_params_text(sum(p.layers[i].params for i in positions), full) for p in plans]
+        table.add_row(kind, str(len(positions)), human_count(full), *cells)
+    full = plans[0].full_params
+    totals = [_params_text(p.params, full) + f", keeps {p.energy:.1%}" for p in plans]
+    table.add_row("all", str(len(plans[0].layers)), human_count(full), *totals, style="bold")
+    return table
+
+
+def _params_text(params: int, full: int) -> str:
+    """Parameters with their share of full fine-tuning."""
+    return f"{human_count(params)} ({params / full:.1%})" if full else human_count(params)
+
+
+LISTED_IN_FULL = ("shape-mismatch", "only-in-base", "only-in-tuned")
+EXAMPLES = 3
+
+
+def _skipped_table(analysis: Analysis) -> Table:
+    """Skipped tensors grouped by reason; the reasons that signal a problem list every name."""
+    table = Table(title=f"{len(analysis.skipped)} tensors skipped", title_justify="left")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    table.add_column("tensors")
+    groups: dict[str, list] = {}
+    for item in analysis.skipped:
+        groups.setdefault(item.reason, []).append(item)
+    for reason, items in groups.items():
+        if reason in LISTED_IN_FULL:
+            names = "\n".join(
+                f"{item.name} ({item.detail})" if item.detail else item.name for item in items
+            )
+        else:
+            names = ", ".join(item.name for item in items[:EXAMPLES])
+            names += f", … {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else ""
+        table.add_row(SKIP_REASONS[reason], str(len(items)), names)
+    return table
+
+
+def plans_table(plans: list[RankPlan]) -> Table:
+    """Ranks and retained energy per layer for one or more plans side by side, with totals."""
+    table = Table(title="Recommended LoRA ranks", title_justify="left")
+    table.add_column("module")
+    table.add_column("shape")
+    for rank_plan in plans:
+        table.add_column(f"r {rank_plan.mode.label}", justify="right")
+        table.add_column("kept", justify="right")
+    for index, first in enumerate(plans[0].layers):
+        cells = []
+        for rank_plan in plans:
+            item = rank_plan.layers[index]
+            cells += [str(item.rank), f"{item.energy:.1%}"]
+        table.add_row(first.layer.module, "x".join(map(str, first.layer.shape)), *cells)
+    totals = []
+    for rank_plan in plans:
+        totals += [
+            _params_text(rank_plan.params, rank_plan.full_params) + " params",
+            f"{rank_plan.energy:.1%}",
+        ]
+    table.add_row("total", "", *totals, style="bold")
+    return table
+
+
+@contextmanager
+def layer_progress(console: Console, enabled: bool) -> Iterator[Progress | None]:
+    """A progress bar on ``console`` (stderr): layers, MB read, elapsed, ETA; None when off."""
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}", style="cyan"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("layers · {task.fields[read]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with RichProgress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("decomposing", total=None, read="")
+
+        def advance(update: ProgressUpdate) -> None:
+            read = f"{update.bytes_done / 1e6:,.0f}/{update.bytes_total / 1e6:,.0f} MB"
+            bar.update(
+                task,
+                completed=update.layers_done,
+                total=update.layers_total,
+                read=read,
+                description=update.layer.module,
+            )
+
+        yield advance

@@ -1,0 +1,481 @@
+"""Run the pipeline over every layer and keep the result as a versioned analysis file.
+
+``analyze`` streams layer by layer: ΔW of the next layer is formed (from the
+memory-mapped tensors, in one pass) while the current one is decomposed, so
+reading overlaps computing and at most two layers' updates are in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from svdrank import __version__
+from svdrank.adaptive import EngineSettings, decompose
+from svdrank.checkpoint import Checkpoint, header_sha256, open_checkpoint, read_tensor_view
+from svdrank.energy import METRICS
+from svdrank.engines import Spectrum
+from svdrank.errors import AnalysisFileError, UsageError
+from svdrank.pairing import Layer, Skipped, pair_checkpoints
+
+ANALYSIS_SCHEMA = "svdrank.analysis/1"
+DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What the analysis keeps of one layer: identity, norms and its spectrum."""
+
+    module: str
+    name: str
+    kind: str
+    block: int | None
+    role: str
+    shape: tuple[int, int]
+    dtype: str
+    delta_norm: float
+    base_norm: float
+    spectrum: Spectrum
+    seconds: float = 0.0
+
+    @property
+    def full_params(self) -> int:
+        """m·n, the parameters full fine-tuning trains in this layer."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def relative_change(self) -> float:
+        """‖ΔW‖_F / ‖W_base‖_F (inf for a zero base weight)."""
+        return self.delta_norm / self.base_norm if self.base_norm else math.inf
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """How the spectra were computed; stored in the analysis file."""
+
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    metric: str = "fro"
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    include_conv: bool = False
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise UsageError(f"unknown metric {self.metric!r}; choose fro or nuclear")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be ≥ 1, got {self.workers}")
+        if self.metric == "nuclear" and not self.engine.complete:
+            object.__setattr__(self, "engine", replace(self.engine, complete=True))
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of ``svdrank diff``: inputs, settings, one LayerResult per layer, skips."""
+
+    inputs: dict[str, Any]
+    settings: AnalysisSettings
+    layers: tuple[LayerResult, ...]
+    skipped: tuple[Skipped, ...]
+    created: str = ""
+    version: str = __version__
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """What a progress callback hears after each layer."""
+
+    layer: LayerResult
+    layers_done: int
+    layers_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+Progress = Callable[[ProgressUpdate], None]
+
+
+def analyze(
+    base: str | Path,
+    tuned: str | Path,
+    *,
+    engine: str = "auto",
+    metric: str = "fro",
+    max_energy: float = 0.95,
+    oversample: int = 10,
+    power_iters: int = 2,
+    normalizer: str = "lu",
+    seed: int = 0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    include_conv: bool = False,
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Decompose every layer's update ΔW = W_tuned − W_base.
+
+    Parameters
+    ----------
+    base, tuned : str or Path
+        Checkpoints: a ``.safetensors`` file, a shard directory or an index file.
+    engine : {"auto", "exact", "gram", "randomized", "lanczos"}
+    metric : {"fro", "nuclear"}
+        ``nuclear`` needs complete spectra, so every layer goes to ``exact``.
+    max_energy : float
+        Truncated engines compute values until they hold this share of ‖ΔW‖_F²:
+        the highest energy target ``recommend`` can answer from a truncated spectrum.
+    oversample, power_iters, normalizer
+        Randomized engine settings (see ``svdrank.engines.randomized_values``).
+    seed : int
+        Seeds every layer's sketch (layer i uses ``[seed, i]``): reproducible
+        whatever the number of workers.
+    include, exclude : sequence of str
+        Glob patterns on module names.
+    include_conv : bool
+        Analyse 4-D conv kernels reshaped to (out, in·kh·kw).
+    workers : int
+        Layers decomposed at once (each with its own BLAS calls).
+    progress : callable, optional
+        Called after each layer with a :class:`ProgressUpdate`.
+
+    Returns
+    -------
+    Analysis
+
+    Examples
+    --------
+    >>> from svdrank import analyze
+    >>> analysis = analyze("sample_checkpoints/base.safetensors",
+    ...                    "sample_checkpoints/tuned.safetensors")
+    >>> len(analysis.layers)
+    29
+    """
+    settings = AnalysisSettings(
+        engine=EngineSettings(
+            engine=engine,
+            max_energy=max_energy,
+            oversample=oversample,
+            power_iters=power_iters,
+            normalizer=normalizer,
+        ),
+        metric=metric,
+        seed=seed,
+        include=tuple(include),
+        exclude=tuple(exclude),
+        include_conv=include_conv,
+        workers=workers,
+    )
+    base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
+    pairing = pair_checkpoints(
+        base_checkpoint, tuned_checkpoint, settings.include, settings.exclude, include_conv
+    )
+    results = tuple(_analyze_layers(pairing.layers, settings, progress))
+    return Analysis(
+        inputs={"base": describe_input(base_checkpoint), "tuned": describe_input(tuned_checkpoint)},
+        settings=settings,
+        layers=results,
+        skipped=pairing.skipped,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def describe_input(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Path, files, sizes and header digests of one input, for the analysis file."""
+    return {
+        "path": str(checkpoint.path),
+        "bytes": checkpoint.nbytes,
+        "files": [
+            {"name": file.name, "bytes": file.stat().st_size, "header_sha256": header_sha256(file)}
+            for file in checkpoint.files
+        ],
+    }
+
+
+def layer_bytes(layer: Layer) -> int:
+    """Bytes read from both checkpoints for one layer."""
+    return layer.base.nbytes + layer.tuned.nbytes
+
+
+def form_delta(layer: Layer) -> tuple[np.ndarray, float]:
+    """ΔW in float32 (float64 when an input is F64), and ‖W_base‖_F.
+
+    One pass over the two memory-mapped tensors: the subtraction casts in
+    buffered chunks, so no widened copy of either input is made.
+    """
+    base, tuned = read_tensor_view(layer.base), read_tensor_view(layer.tuned)
+    wide = np.float64 if "F64" in (layer.base.dtype, layer.tuned.dtype) else np.float32
+    delta = np.subtract(tuned, base, dtype=wide).reshape(layer.shape)
+    flat = base.reshape(-1)
+    base_norm = math.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return delta, base_norm
+
+
+def _analyze_layers(
+    layers: Sequence[Layer], settings: AnalysisSettings, progress: Progress | None
+) -> Iterator[LayerResult]:
+    """Results in layer order, reading the next layer while earlier ones decompose.
+
+    At most ``workers`` updates are being decomposed and one more is being
+    formed, so memory holds ``workers + 1`` layers' ΔW at the most.
+    """
+    report = _reporter(layers, progress)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
+    pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdrank-svd")
+    in_flight: deque[tuple[Layer, Future[LayerResult]]] = deque()
+    try:
+        next_read = reader.submit(form_delta, layers[0])
+        for index, layer in enumerate(layers):
+            delta, base_norm = next_read.result()
+            if len(in_flight) == settings.workers:
+                yield _finish(*in_flight.popleft(), report)
+            task = pool.submit(_analyze_layer, layer, delta, base_norm, index, settings)
+            in_flight.append((layer, task))
+            del delta
+            if index + 1 < len(layers):
+                next_read = reader.submit(form_delta, layers[index + 1])
+        while in_flight:
+            yield _finish(*in_flight.popleft(), report)
+    finally:
+        reader.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _analyze_layer(
+    layer: Layer, delta: np.ndarray, base_norm: float, index: int, settings: AnalysisSettings
+) -> LayerResult:
+    """Decompose one layer's update (runs in a worker thread)."""
+    started = time.perf_counter()
+    rng = np.random.default_rng([settings.seed, index])
+    spectrum = decompose(delta, settings.engine, rng, name=layer.name)
+    return LayerResult(
+        module=layer.module,
+        name=layer.name,
+        kind=layer.kind,
+        block=layer.block,
+        role=layer.role,
+        shape=layer.shape,
+        dtype=layer.base.dtype,
+        delta_norm=math.sqrt(spectrum.total_energy),
+        base_norm=base_norm,
+        spectrum=spectrum,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _reporter(
+    layers: Sequence[Layer], progress: Progress | None
+) -> Callable[[Layer, LayerResult], None]:
+    """A function that counts finished layers and bytes and tells ``progress``."""
+    done = {"layers": 0, "bytes": 0}
+    bytes_total = sum(layer_bytes(layer) for layer in layers)
+
+    def report(layer: Layer, result: LayerResult) -> None:
+        done["layers"] += 1
+        done["bytes"] += layer_bytes(layer)
+        if progress is not None:
+            progress(
+                ProgressUpdate(result, done["layers"], len(layers), done["bytes"], bytes_total)
+            )
+
+    return report
+
+
+def _finish(
+    layer: Layer, task: Future[LayerResult], report: Callable[[Layer, LayerResult], None]
+) -> LayerResult:
+    """Wait for one layer's result and report it."""
+    result = task.result()
+    report(layer, result)
+    return result
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the long work when the output could not be written.
+
+    Raises
+    ------
+    UsageError
+        If the folder does not exist, is not writable, or the path is a folder.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; give a file name for the output")
+    if not folder.is_dir():
+        raise UsageError(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{path}: folder {folder} is not writable")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file through a temporary file and a rename: readers never see half of it."""
+    check_writable(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def analysis_record(analysis: Analysis) -> dict[str, Any]:
+    """The analysis as the JSON object of schema ``svdrank.analysis/1``."""
+    settings = analysis.settings
+    return {
+        "schema": ANALYSIS_SCHEMA,
+        "svdrank_version": analysis.version,
+        "created": analysis.created,
+        "inputs": analysis.inputs,
+        "settings": {
+            "engine": settings.engine.engine,
+            "metric": settings.metric,
+            "max_energy": settings.engine.max_energy,
+            "oversample": settings.engine.oversample,
+            "power_iters": settings.engine.power_iters,
+            "normalizer": settings.engine.normalizer,
+            "seed": settings.seed,
+            "include": list(settings.include),
+            "exclude": list(settings.exclude),
+            "include_conv": settings.include_conv,
+        },
+        "layers": [_layer_record(layer) for layer in analysis.layers],
+        "skipped": [
+            {"name": item.name, "reason": item.reason, "detail": item.detail}
+            for item in analysis.skipped
+        ],
+    }
+
+
+def _layer_record(layer: LayerResult) -> dict[str, Any]:
+    """One layer of the analysis file."""
+    return {
+        "module": layer.module,
+        "name": layer.name,
+        "kind": layer.kind,
+        "block": layer.block,
+        "role": layer.role,
+        "shape": list(layer.shape),
+        "dtype": layer.dtype,
+        "delta_norm": layer.delta_norm,
+        "base_norm": layer.base_norm,
+        "total_energy": layer.spectrum.total_energy,
+        "singular_values": layer.spectrum.values.tolist(),
+        "complete": layer.spectrum.complete,
+        "engine": layer.spectrum.engine,
+        "seconds": round(layer.seconds, 4),
+    }
+
+
+def save_analysis(analysis: Analysis, path: str | Path = DEFAULT_ANALYSIS) -> Path:
+    """Write the analysis file atomically (temporary file, then rename)."""
+    path = Path(path)
+    write_atomically(path, json.dumps(analysis_record(analysis), separators=(",", ":")) + "\n")
+    return path
+
+
+def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
+    """Read an analysis file written by ``svdrank diff``.
+
+    Raises
+    ------
+    AnalysisFileError
+        If the file is missing, not JSON, of another schema, or incomplete.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnalysisFileError(
+            f"{path}: no analysis file here; run `svdrank diff BASE TUNED` first"
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnalysisFileError(f"{path}: not a readable analysis file ({exc})") from exc
+    schema = record.get("schema") if isinstance(record, dict) else None
+    if schema != ANALYSIS_SCHEMA:
+        raise AnalysisFileError(
+            f"{path}: schema {schema!r} is not {ANALYSIS_SCHEMA!r}; re-run `svdrank diff` "
+            "with this version of svdrank"
+        )
+    try:
+        return _analysis_from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AnalysisFileError(f"{path}: corrupt analysis file (bad or missing {exc})") from exc
+
+
+def _analysis_from_record(record: dict[str, Any]) -> Analysis:
+    """Rebuild the dataclasses from a validated-schema record."""
+    stored = record["settings"]
+    settings = AnalysisSettings(
+        engine=EngineSettings(
+            engine=stored["engine"],
+            max_energy=float(stored["max_energy"]),
+            oversample=int(stored["oversample"]),
+            power_iters=int(stored["power_iters"]),
+            normalizer=stored["normalizer"],
+        ),
+        metric=stored["metric"],
+        seed=int(stored["seed"]),
+        include=tuple(stored["include"]),
+        exclude=tuple(stored["exclude"]),
+        include_conv=bool(stored["include_conv"]),
+    )
+    layers = tuple(_layer_from_record(layer) for layer in record["layers"])
+    skipped = tuple(
+        Skipped(item["name"], item["reason"], item.get("detail", "")) for item in record["skipped"]
+    )
+    return Analysis(
+        inputs=record["inputs"],
+        settings=settings,
+        layers=layers,
+        skipped=skipped,
+        created=record.get("created", ""),
+        version=record.get("svdrank_version", ""),
+    )
+
+
+def _layer_from_record(layer: dict[str, Any]) -> LayerResult:
+    """One LayerResult from its record."""
+    spectrum = Spectrum(
+        values=np.asarray(layer["singular_values"], dtype=np.float64),
+        total_energy=float(layer["total_energy"]),
+        complete=bool(layer["complete"]),
+        engine=str(layer["engine"]),
+    )
+    m, n = (int(dim) for dim in layer["shape"])
+    return LayerResult(
+        module=str(layer["module"]),
+        name=str(layer["name"]),
+        kind=str(layer["kind"]),
+        block=None if layer["block"] is None else int(layer["block"]),
+        role=str(layer["role"]),
+        shape=(m, n),
+        dtype=str(layer["dtype"]),
+        delta_norm=float(layer["delta_norm"]),
+        base_norm=float(layer["base_norm"]),
+        spectrum=spectrum,
+        seconds=float(layer.get("seconds", 0.0)),
+    )
