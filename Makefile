@@ -19,7 +19,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
-	$(BIN)/svdrank inspect $(SAMPLES)/tuned-sharded --format table
+	$(BIN)/svdrank diff $(SAMPLES)/base.safetensors $(SAMPLES)/tuned-sharded --format table
+	$(BIN)/svdrank recommend --preset balanced -o ranks.json
+	$(BIN)/svdrank recommend --format table
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check svdrank tests benchmarks $(SAMPLES)

@@ -30,6 +30,7 @@ ZERO_UPDATE = "model.layers.2.self_attn.v_proj.weight"
 ADAPTER_RANK = 16
 ADAPTER_TRUE_RANK = 4
 ADAPTER_ALPHA = 32
+WEAK_DIRECTIONS = 0.2
 
 
 def spectrum(kind: str, size: int, block: int) -> np.ndarray:
@@ -118,16 +119,16 @@ def write_sharded(tensors: dict[str, np.ndarray], directory: Path, shards: int =
 
 
 def write_adapter(rng: np.random.Generator, directory: Path) -> None:
-    """A PEFT LoRA adapter of rank 16 on q_proj and v_proj whose updates have true rank 4."""
+    """A PEFT LoRA adapter of rank 16 on q_proj and v_proj: 4 strong directions, 12 weak."""
     directory.mkdir()
     tensors = {}
     for block in range(BLOCKS):
         for proj in ("q_proj", "v_proj"):
             prefix = f"base_model.model.model.layers.{block}.self_attn.{proj}"
-            core = rng.standard_normal((ADAPTER_RANK, ADAPTER_TRUE_RANK))
-            a = core @ rng.standard_normal((ADAPTER_TRUE_RANK, HIDDEN)) * 0.01
+            a = rng.standard_normal((ADAPTER_RANK, HIDDEN)) * 0.01
             b = rng.standard_normal((HIDDEN, ADAPTER_RANK)) * 0.01
-            b[:, ADAPTER_TRUE_RANK:] *= 0.05
+            a[ADAPTER_TRUE_RANK:] *= WEAK_DIRECTIONS
+            b[:, ADAPTER_TRUE_RANK:] *= WEAK_DIRECTIONS
             tensors[f"{prefix}.lora_A.weight"] = a.astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = b.astype(np.float32)
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -197,12 +197,18 @@ def diff(
     include: Annotated[
         list[str] | None,
         typer.Option(
-            help="Analyse only modules matching this glob (repeatable).", show_default=False
+            help="Analyse only modules matching this glob (repeatable).",
+            metavar="GLOB",
+            show_default=False,
         ),
     ] = None,
     exclude: Annotated[
         list[str] | None,
-        typer.Option(help="Leave out modules matching this glob (repeatable).", show_default=False),
+        typer.Option(
+            help="Leave out modules matching this glob (repeatable).",
+            metavar="GLOB",
+            show_default=False,
+        ),
     ] = None,
     include_conv: Annotated[
         bool, typer.Option(help="Analyse 4-D conv kernels as (out, in·kh·kw) matrices.")

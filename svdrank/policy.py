@@ -44,12 +44,14 @@ class Constraints:
         if self.max_rank is not None and self.max_rank < max(self.min_rank, 1):
             raise UsageError(f"--max-rank {self.max_rank} is below --min-rank {self.min_rank}")
 
-    def apply(self, rank: int, shape: tuple[int, int]) -> int:
+    def apply(self, rank: int, layer: LayerResult) -> int:
         """The clamped rank of a layer whose mode gave ``rank``."""
-        if rank == 0 and self.min_rank == 0:
+        if layer.spectrum.total_energy == 0.0:
             return 0
+        shape = layer.shape
         rank = max(rank, self.min_rank)
-        rank = math.ceil(rank / self.multiple_of) * self.multiple_of
+        if rank > 0:
+            rank = math.ceil(rank / self.multiple_of) * self.multiple_of
         if self.max_rank is not None:
             rank = min(rank, self.max_rank)
         return min(rank, min(shape))
@@ -160,7 +162,7 @@ def plan(
     constraints = constraints or Constraints()
     layers = []
     for layer in analysis.layers:
-        rank = constraints.apply(mode.raw_rank(layer.spectrum, metric), layer.shape)
+        rank = constraints.apply(mode.raw_rank(layer.spectrum, metric), layer)
         layers.append(LayerRank(layer, rank, retained_energy(layer.spectrum, rank, metric)))
     return RankPlan(mode, metric, constraints, tuple(layers))
 
