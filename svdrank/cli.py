@@ -151,6 +151,13 @@ class Preset(str, Enum):
     aggressive = "aggressive"
 
 
+class Objective(str, Enum):
+    """What a budget allocation maximises."""
+
+    energy = "energy"
+    relative = "relative"
+
+
 class RankFormat(str, Enum):
     """Output formats of ``recommend``."""
 
@@ -285,6 +292,28 @@ def recommend(
         float | None,
         typer.Option(help="Keep the σ ≥ T (absolute threshold).", show_default=False),
     ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep the most energy within N LoRA parameters (20M, 1.5e6, 300k).",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
+    budget_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="A budget as this share of the analysed layers' parameters (0.01 = 1 %).",
+            show_default=False,
+        ),
+    ] = None,
+    objective: Annotated[
+        Objective,
+        typer.Option(
+            help="What a budget maximises: energy kept overall, or the sum of per-layer "
+            "energy fractions (relative)."
+        ),
+    ] = Objective.energy,
     metric: Annotated[
         Metric | None,
         typer.Option(help="fro or nuclear; default: the analysis's metric.", show_default=False),
@@ -324,6 +353,9 @@ def recommend(
         preset=preset.value if preset else None,
         sv_ratio=sv_ratio,
         threshold=threshold,
+        budget=budget,
+        budget_ratio=budget_ratio,
+        objective=objective.value,
         metric=metric.value if metric else None,
         min_rank=min_rank,
         max_rank=max_rank,

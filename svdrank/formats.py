@@ -65,7 +65,8 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
         "analysis": analysis_path,
         "mode": mode.kind,
         "preset": mode.label if mode.label in PRESETS else None,
-        "target": mode.value,
+        "target": mode.value if mode.kind != "budget" else None,
+        "budget": int(mode.value) if mode.kind == "budget" else None,
         "metric": rank_plan.metric,
         "constraints": {
             "min_rank": constraints.min_rank,

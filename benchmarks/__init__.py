@@ -1,0 +1,1 @@
+"""Benchmarks for svdrank: `make bench` (python -m benchmarks) writes benchmarks/results/."""

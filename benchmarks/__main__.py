@@ -1,0 +1,19 @@
+"""`python -m benchmarks [engines|pipeline ...]`: run the benchmarks, write results/."""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import engines, pipeline
+
+SUITES = {"engines": engines.main, "pipeline": pipeline.main}
+
+
+def main() -> None:
+    """Run the suites named on the command line, or all of them."""
+    for name in sys.argv[1:] or list(SUITES):
+        SUITES[name]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Every engine against scipy.linalg.svdvals and scikit-learn's randomized_svd, same run.
+
+Cases: power-law spectra like fine-tuning updates (σᵢ = 1/i over 1024
+directions plus a noise floor) at 1024², 4096², 4096×11008 and 11008×4096,
+and a flat Gaussian 4096². For each: median time of every svdrank engine and
+of the references, the ranks each gives at 95/90/85 % energy, and for the
+randomized comparison the worst relative error of the top-k values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+from sklearn.utils.extmath import randomized_svd
+
+from benchmarks.common import (
+    machine,
+    markdown_table,
+    median_seconds,
+    planted_power_law,
+    ranks_from,
+    write_results,
+)
+from svdrank.adaptive import EngineSettings, decompose
+from svdrank.energy import rank_at
+from svdrank.engines import randomized_values, total_energy
+
+REPEATS = 3
+CASES = {
+    "power-law 1024x1024": ((1024, 1024), "power"),
+    "power-law 4096x4096": ((4096, 4096), "power"),
+    "power-law 4096x11008": ((4096, 11008), "power"),
+    "power-law 11008x4096": ((11008, 4096), "power"),
+    "gaussian 4096x4096": ((4096, 4096), "flat"),
+}
+ENGINES = ("auto", "randomized", "lanczos", "gram", "exact")
+
+
+def make_case(shape: tuple[int, int], kind: str, seed: int) -> np.ndarray:
+    """The benchmark matrix of one case (float32)."""
+    if kind == "flat":
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return planted_power_law(shape, alpha=1.0, components=1024, noise=0.5, seed=seed)
+
+
+def run_case(name: str, shape: tuple[int, int], kind: str) -> dict:
+    """Time every engine and both references on one matrix."""
+    matrix = make_case(shape, kind, seed=len(name))
+    total = total_energy(matrix)
+    reference_time, sigma = median_seconds(
+        lambda: scipy.linalg.svdvals(matrix, check_finite=False), REPEATS
+    )
+    row = {
+        "case": name,
+        "shape": list(shape),
+        "scipy_svdvals": {"seconds": reference_time, "ranks": ranks_from(sigma, total)},
+        "engines": {},
+    }
+    for engine in ENGINES:
+        settings = EngineSettings(engine=engine)
+        seconds, spectrum = median_seconds(
+            lambda s=settings: decompose(matrix, s, np.random.default_rng(0)), REPEATS
+        )
+        row["engines"][engine] = {
+            "seconds": seconds,
+            "ranks": [rank_at(spectrum, target) for target in (0.95, 0.90, 0.85)],
+            "used": spectrum.engine,
+            "k": spectrum.k,
+            "speedup_vs_svdvals": reference_time / seconds,
+        }
+    randomized = row["engines"]["randomized"]
+    if randomized["used"] == "randomized":
+        row["randomized_vs_sklearn"] = compare_with_sklearn(matrix, sigma, total, randomized["k"])
+    return row
+
+
+def compare_with_sklearn(matrix: np.ndarray, sigma: np.ndarray, total: float, k: int) -> dict:
+    """Fixed-k randomized values against scikit-learn at the same k, oversampling and normaliser."""
+
+    def accuracy(values: np.ndarray) -> float:
+        return float(np.max(np.abs(values[:k] - sigma[:k]) / sigma[:k]))
+
+    ours_time, ours = median_seconds(
+        lambda: randomized_values(matrix, k, 10, 2, "lu", np.random.default_rng(0)), REPEATS
+    )
+    result = {
+        "k": k,
+        "svdrank_q2": {
+            "seconds": ours_time,
+            "max_rel_error": accuracy(ours),
+            "ranks": ranks_from(ours, total),
+        },
+    }
+    for label, n_iter in (("sklearn_q2", 2), ("sklearn_default", "auto")):
+        seconds, (_, values, _) = median_seconds(
+            lambda n=n_iter: randomized_svd(
+                matrix,
+                k,
+                n_oversamples=10,
+                n_iter=n,
+                power_iteration_normalizer="LU",
+                random_state=0,
+            ),
+            REPEATS,
+        )
+        result[label] = {
+            "seconds": seconds,
+            "max_rel_error": accuracy(values),
+            "ranks": ranks_from(values, total),
+            "speedup_of_svdrank": seconds / ours_time,
+        }
+    return result
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    """The README-linked summary table."""
+    header = ["case", "scipy svdvals", *ENGINES, "ranks 95/90/85 (svdvals → auto)"]
+    table = []
+    for row in rows:
+        cells = [row["case"], f"{row['scipy_svdvals']['seconds']:.2f} s"]
+        for engine in ENGINES:
+            result = row["engines"][engine]
+            used = "" if result["used"] == engine else f" →{result['used']}"
+            cells.append(f"{result['seconds']:.3f} s ({result['speedup_vs_svdvals']:.1f}x){used}")
+        cells.append(f"{row['scipy_svdvals']['ranks']} → {row['engines']['auto']['ranks']}")
+        table.append(cells)
+    sklearn_rows = []
+    for row in rows:
+        comparison = row.get("randomized_vs_sklearn")
+        if not comparison:
+            continue
+        ours = comparison["svdrank_q2"]
+        for label in ("sklearn_q2", "sklearn_default"):
+            theirs = comparison[label]
+            sklearn_rows.append(
+                [
+                    row["case"],
+                    comparison["k"],
+                    label.replace("_", " "),
+                    f"{theirs['seconds']:.3f} s",
+                    f"{ours['seconds']:.3f} s",
+                    f"{theirs['speedup_of_svdrank']:.2f}x",
+                    f"{theirs['max_rel_error']:.1e} / {ours['max_rel_error']:.1e}",
+                    f"{theirs['ranks']} / {ours['ranks']}",
+                ]
+            )
+    text = "# Engine benchmark\n\n"
+    text += f"Machine: {env['cores']} cores, {env['cpu']}; numpy {env['numpy']}, scipy "
+    text += f"{env['scipy']}. Medians of {REPEATS} runs; speed-up against svdvals in brackets; "
+    text += "'→gram' marks an engine that handed over to a complete one.\n\n"
+    text += markdown_table(header, table)
+    text += "\n## Randomized against scikit-learn (same k, oversampling 10, LU)\n\n"
+    text += markdown_table(
+        [
+            "case",
+            "k",
+            "scikit-learn",
+            "its time",
+            "svdrank q=2",
+            "speed-up",
+            "max rel. error of top k (sklearn / svdrank)",
+            "ranks 95/90/85 (sklearn / svdrank)",
+        ],
+        sklearn_rows,
+    )
+    return text
+
+
+def main() -> None:
+    """Run every case and write results/engines.{json,md}."""
+    rows = []
+    for name, (shape, kind) in CASES.items():
+        print(f"engines: {name} ...", flush=True)
+        rows.append(run_case(name, shape, kind))
+    env = machine()
+    write_results(
+        "engines", {"machine": env, "repeats": REPEATS, "cases": rows}, markdown(rows, env)
+    )
+
+
+if __name__ == "__main__":
+    main()
