@@ -46,7 +46,7 @@ class LayerResult:
     shape: tuple[int, int]
     dtype: str
     delta_norm: float
-    base_norm: float
+    base_norm: float | None
     spectrum: Spectrum
     seconds: float = 0.0
 
@@ -56,8 +56,10 @@ class LayerResult:
         return self.shape[0] * self.shape[1]
 
     @property
-    def relative_change(self) -> float:
-        """‖ΔW‖_F / ‖W_base‖_F (inf for a zero base weight)."""
+    def relative_change(self) -> float | None:
+        """‖ΔW‖_F / ‖W_base‖_F; None without a base (adapters), inf for a zero base."""
+        if self.base_norm is None:
+            return None
         return self.delta_norm / self.base_norm if self.base_norm else math.inf
 
 
@@ -475,7 +477,7 @@ def _layer_from_record(layer: dict[str, Any]) -> LayerResult:
         shape=(m, n),
         dtype=str(layer["dtype"]),
         delta_norm=float(layer["delta_norm"]),
-        base_norm=float(layer["base_norm"]),
+        base_norm=None if layer["base_norm"] is None else float(layer["base_norm"]),
         spectrum=spectrum,
         seconds=float(layer.get("seconds", 0.0)),
     )

@@ -12,17 +12,20 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from svdrank import __version__, formats, render
+from svdrank.adapter import analyze_adapter, is_adapter
 from svdrank.analysis import (
     DEFAULT_ANALYSIS,
     analysis_record,
     analyze,
     check_writable,
+    load_analysis,
     save_analysis,
     write_atomically,
 )
 from svdrank.checkpoint import open_checkpoint
+from svdrank.checks import check_allocation, read_allocation, report_record, report_text
 from svdrank.errors import SvdrankError, UsageError
-from svdrank.policy import DEFAULT_PRESET, PRESETS, RankPlan
+from svdrank.policy import DEFAULT_PRESET, PRESETS, RankPlan, parse_count
 from svdrank.policy import recommend as recommend_ranks
 
 err_console = Console(stderr=True)
@@ -175,14 +178,17 @@ SUFFIX_FORMATS = {".json": RankFormat.json, ".csv": RankFormat.csv, ".md": RankF
 def diff(
     base: Annotated[
         Path,
-        typer.Argument(help="Base checkpoint: file, shard directory or index.", show_default=False),
-    ],
-    tuned: Annotated[
-        Path,
         typer.Argument(
-            help="Tuned checkpoint: file, shard directory or index.", show_default=False
+            help="Base checkpoint (file, shard directory or index), or a PEFT adapter directory.",
+            show_default=False,
         ),
     ],
+    tuned: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Tuned checkpoint; leave out when BASE is a PEFT adapter.", show_default=False
+        ),
+    ] = None,
     engine: Annotated[
         Engine,
         typer.Option(help="How singular values are computed; auto picks per layer."),
@@ -236,25 +242,36 @@ def diff(
         bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")
     ] = False,
 ) -> None:
-    """Decompose every layer's update ΔW = tuned − base, print the table, save the analysis."""
+    """Decompose every layer's update ΔW = tuned − base, print the table, save the analysis.
+
+    Given a PEFT LoRA adapter directory alone, analyse each module's update s·B·A instead
+    (exactly, from the r×r core): how much of the adapter's rank is really used.
+    """
     check_writable(output)
-    with render.layer_progress(err_console, err_console.is_terminal and not quiet) as progress:
-        analysis = analyze(
-            base,
-            tuned,
-            engine=engine.value,
-            metric=metric.value,
-            max_energy=max_energy,
-            oversample=oversample,
-            power_iters=power_iters,
-            normalizer=normalizer.value,
-            seed=seed,
-            include=include or (),
-            exclude=exclude or (),
-            include_conv=include_conv,
-            workers=workers,
-            progress=progress,
-        )
+    if tuned is None:
+        if not is_adapter(base):
+            raise UsageError(
+                f"{base}: give BASE and TUNED checkpoints, or a PEFT adapter directory alone"
+            )
+        analysis = analyze_adapter(base)
+    else:
+        with render.layer_progress(err_console, err_console.is_terminal and not quiet) as progress:
+            analysis = analyze(
+                base,
+                tuned,
+                engine=engine.value,
+                metric=metric.value,
+                max_energy=max_energy,
+                oversample=oversample,
+                power_iters=power_iters,
+                normalizer=normalizer.value,
+                seed=seed,
+                include=include or (),
+                exclude=exclude or (),
+                include_conv=include_conv,
+                workers=workers,
+                progress=progress,
+            )
     save_analysis(analysis, output)
     if _wants_json(output_format):
         sys.stdout.write(formats.dumps(analysis_record(analysis)))
@@ -402,6 +419,76 @@ def _rank_text(plans: list[RankPlan], chosen: RankFormat, alpha_ratio: float, so
     if chosen is RankFormat.peft:
         return formats.dumps(formats.peft_record(plans[0], alpha_ratio))
     return formats.dumps(formats.ranks_record(plans[0], source))
+
+
+class CheckFormat(str, Enum):
+    """Output formats of ``check``."""
+
+    text = "text"
+    json = "json"
+
+
+@app.command()
+def check(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A rank config (svdrank JSON or PEFT LoraConfig JSON), or a PEFT adapter "
+            "directory or its adapter_config.json.",
+            show_default=False,
+        ),
+    ],
+    max_params: Annotated[
+        str | None,
+        typer.Option(
+            help="Fail when the LoRA parameters Σ r·(m+n) exceed N (20M, 1.5e6, 300k).",
+            metavar="N",
+            show_default=False,
+        ),
+    ] = None,
+    max_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="Fail when any module's rank exceeds R.", metavar="R", show_default=False
+        ),
+    ] = None,
+    min_energy: Annotated[
+        float | None,
+        typer.Option(
+            help="Fail when a module's rank keeps less than E of its update's energy "
+            "(needs --analysis).",
+            metavar="E",
+            show_default=False,
+        ),
+    ] = None,
+    analysis: Annotated[
+        Path | None,
+        typer.Option(
+            help="Analysis file from `svdrank diff`: energies for --min-energy, and layer "
+            "shapes for PEFT configs that have none.",
+            show_default=False,
+        ),
+    ] = None,
+    output_format: Annotated[
+        CheckFormat,
+        typer.Option("--format", help="text (one line per violation) or json."),
+    ] = CheckFormat.text,
+) -> None:
+    """CI gate: exit 0 when every limit holds, 1 when any is broken, 2 on bad input."""
+    loaded = load_analysis(analysis) if analysis is not None else None
+    report = check_allocation(
+        read_allocation(target, loaded),
+        max_params=parse_count(max_params, "--max-params") if max_params is not None else None,
+        max_rank=max_rank,
+        min_energy=min_energy,
+        analysis=loaded,
+    )
+    if output_format is CheckFormat.json:
+        sys.stdout.write(formats.dumps(report_record(report)))
+    else:
+        sys.stdout.write(report_text(report))
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -123,7 +123,7 @@ def _layer_table(analysis: Analysis) -> Table:
             layer.module,
             "x".join(map(str, layer.shape)),
             f"{layer.delta_norm:.4g}",
-            f"{layer.relative_change:.3f}",
+            "-" if layer.relative_change is None else f"{layer.relative_change:.3f}",
             *ranks,
             *kept,
             spectrum.engine + ("" if spectrum.complete else f" k={spectrum.k}"),
