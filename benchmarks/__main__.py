@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import engines, pipeline
+from benchmarks import engines, pipeline, plots
 
-SUITES = {"engines": engines.main, "pipeline": pipeline.main}
+SUITES = {"engines": engines.main, "pipeline": pipeline.main, "plots": plots.main}
 
 
 def main() -> None:

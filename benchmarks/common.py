@@ -37,6 +37,7 @@ def planted_power_law(
     """
     rng = np.random.default_rng(seed)
     m, n = shape
+    components = min(components, m, n)
     sigma = np.arange(1, components + 1, dtype=np.float32) ** -alpha
     u, _ = np.linalg.qr(rng.standard_normal((m, components), dtype=np.float32))
     v, _ = np.linalg.qr(rng.standard_normal((n, components), dtype=np.float32))
@@ -70,11 +71,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, record: dict[str, Any], markdown: str) -> None:
-    """Write ``results/NAME.json`` and ``results/NAME.md``."""
+def write_results(
+    name: str, record: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+) -> None:
+    """Write ``results/NAME.json``, then ``results/NAME.md`` rendered from that record.
+
+    The measurements are saved before the table is rendered, so a rendering
+    bug never loses a long run; ``python -m benchmarks.render NAME`` redoes it.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+    (RESULTS / f"{name}.md").write_text(markdown(record))
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

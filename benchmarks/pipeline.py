@@ -161,8 +161,9 @@ def run_regime(name: str, regime: dict[str, float], scratch: Path) -> dict:
     return result
 
 
-def markdown(rows: list[dict], env: dict) -> str:
-    """The README-linked summary table."""
+def markdown(record: dict) -> str:
+    """The README-linked summary table, from the saved record."""
+    rows, env = record["regimes"], record["machine"]
     table = []
     for row in rows:
         engines = ", ".join(
@@ -183,7 +184,8 @@ def markdown(rows: list[dict], env: dict) -> str:
     text = "# `svdrank diff` against the compute floor\n\n"
     text += f"Machine: {env['cores']} cores; numpy {env['numpy']}, scipy {env['scipy']}. "
     text += f"{BLOCKS} TinyLlama-shaped blocks, BF16, "
-    text += f"{rows[0]['bytes_per_checkpoint'] / 1e6:.0f} MB per checkpoint; medians of {REPEATS}; "
+    text += f"{rows[0]['bytes_per_checkpoint'] / 1e6:.0f} MB per checkpoint; "
+    text += f"medians of {record['repeats']}; "
     text += "floor = read both files + form every ΔW + one ΔWᵀΔW per layer, same run.\n\n"
     text += markdown_table(
         [
@@ -208,9 +210,7 @@ def main() -> None:
             print(f"pipeline: {name} ...", flush=True)
             rows.append(run_regime(name, regime, Path(scratch)))
     env = machine()
-    write_results(
-        "pipeline", {"machine": env, "repeats": REPEATS, "regimes": rows}, markdown(rows, env)
-    )
+    write_results("pipeline", {"machine": env, "repeats": REPEATS, "regimes": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class EngineSettings:
     power_iters: int = 2
     normalizer: str = "lu"
     lanczos_solver: str = "arpack"
+    krylov: bool = False
     complete: bool = False
 
     def __post_init__(self) -> None:
@@ -143,8 +144,10 @@ def _adaptive_randomized(
     limit = truncation_limit(delta.shape)
     basis = np.empty((oriented.shape[0], 0), dtype=delta.dtype)
     k = FIRST_K
+    sketched = 0
     while k + settings.oversample <= limit:
-        width = k + settings.oversample - basis.shape[1]
+        width = k + settings.oversample - sketched
+        sketched += width
         basis = extend_range(oriented, basis, width, settings.power_iters, settings.normalizer, rng)
         values = _as_float64(projected_values(oriented, basis)[:k])
         if reaches(values, total, settings.max_energy):

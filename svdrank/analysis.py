@@ -120,6 +120,7 @@ def analyze(
     oversample: int = 10,
     power_iters: int = 2,
     normalizer: str = "lu",
+    krylov: bool = False,
     seed: int = 0,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -139,7 +140,7 @@ def analyze(
     max_energy : float
         Truncated engines compute values until they hold this share of ‖ΔW‖_F²:
         the highest energy target ``recommend`` can answer from a truncated spectrum.
-    oversample, power_iters, normalizer
+    oversample, power_iters, normalizer, krylov
         Randomized engine settings (see ``svdrank.engines.randomized_values``).
     seed : int
         Seeds every layer's sketch (layer i uses ``[seed, i]``): reproducible
@@ -172,6 +173,7 @@ def analyze(
             oversample=oversample,
             power_iters=power_iters,
             normalizer=normalizer,
+            krylov=krylov,
         ),
         metric=metric,
         seed=seed,
@@ -359,6 +361,7 @@ def analysis_record(analysis: Analysis) -> dict[str, Any]:
             "oversample": settings.engine.oversample,
             "power_iters": settings.engine.power_iters,
             "normalizer": settings.engine.normalizer,
+            "krylov": settings.engine.krylov,
             "seed": settings.seed,
             "include": list(settings.include),
             "exclude": list(settings.exclude),
@@ -438,6 +441,7 @@ def _analysis_from_record(record: dict[str, Any]) -> Analysis:
             oversample=int(stored["oversample"]),
             power_iters=int(stored["power_iters"]),
             normalizer=stored["normalizer"],
+            krylov=bool(stored.get("krylov", False)),
         ),
         metric=stored["metric"],
         seed=int(stored["seed"]),

@@ -31,9 +31,14 @@ from svdrank.policy import recommend as recommend_ranks
 err_console = Console(stderr=True)
 
 
+def say(message: str) -> None:
+    """One message line on stderr, never wrapped (CI logs and grep see it whole)."""
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def report_error(message: str) -> None:
     """Print one ``svdrank: error:`` line on stderr."""
-    err_console.print(f"svdrank: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    say(f"svdrank: error: {message}")
 
 
 class _Group(TyperGroup):
@@ -46,7 +51,7 @@ class _Group(TyperGroup):
             report_error(str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("svdrank: interrupted; nothing was written", highlight=False)
+            say("svdrank: interrupted; nothing was written")
             raise typer.Exit(130) from None
 
 
@@ -64,6 +69,14 @@ class TableOrJson(str, Enum):
 
     table = "table"
     json = "json"
+
+
+def _plot_analysis():
+    """svdrank.plots.plot_analysis, imported on use: matplotlib alone takes half a second to
+    import, which every other command would pay for nothing."""
+    from svdrank.plots import plot_analysis
+
+    return plot_analysis
 
 
 def _wants_json(requested: Enum | None) -> bool:
@@ -171,6 +184,7 @@ class RankFormat(str, Enum):
     markdown = "markdown"
 
 
+DEFAULT_PLOTS = Path("svdrank-plots")
 SUFFIX_FORMATS = {".json": RankFormat.json, ".csv": RankFormat.csv, ".md": RankFormat.markdown}
 
 
@@ -206,6 +220,14 @@ def diff(
     ] = Normalizer.lu,
     oversample: Annotated[int, typer.Option(help="Randomized engine: extra sketch columns.")] = 10,
     power_iters: Annotated[int, typer.Option(help="Randomized engine: power iterations.")] = 2,
+    krylov: Annotated[
+        bool,
+        typer.Option(
+            "--krylov",
+            help="Randomized engine: keep every power iterate (block Krylov): more accurate "
+            "values for the same passes; use with --power-iters 3.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random sketches.")] = 0,
     include: Annotated[
         list[str] | None,
@@ -238,6 +260,15 @@ def diff(
             show_default=False,
         ),
     ] = None,
+    plot_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also write the figures of `svdrank plot` into this folder.",
+            metavar="DIR",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")
     ] = False,
@@ -265,6 +296,7 @@ def diff(
                 oversample=oversample,
                 power_iters=power_iters,
                 normalizer=normalizer.value,
+                krylov=krylov,
                 seed=seed,
                 include=include or (),
                 exclude=exclude or (),
@@ -273,14 +305,15 @@ def diff(
                 progress=progress,
             )
     save_analysis(analysis, output)
+    figures = _plot_analysis()(analysis, plot_dir) if plot_dir is not None else []
     if _wants_json(output_format):
         sys.stdout.write(formats.dumps(analysis_record(analysis)))
     else:
         render.print_tables(_stdout(), render.diff_tables(analysis))
     if not quiet:
-        err_console.print(
-            f"wrote {output} ({len(analysis.layers)} layers, {len(analysis.skipped)} skipped)",
-            highlight=False,
+        say(
+            f"wrote {output} ({len(analysis.layers)} layers, {len(analysis.skipped)} skipped)"
+            + (f" and {len(figures)} figures in {plot_dir}" if figures else "")
         )
 
 
@@ -387,7 +420,7 @@ def recommend(
         sys.stdout.write(text)
     else:
         write_atomically(output, text)
-        err_console.print(f"wrote {output} ({chosen.value})", highlight=False)
+        say(f"wrote {output} ({chosen.value})")
 
 
 def _rank_format(requested: RankFormat | None, output: Path | None) -> RankFormat:
@@ -410,15 +443,70 @@ def _rank_text(plans: list[RankPlan], chosen: RankFormat, alpha_ratio: float, so
     if chosen is RankFormat.markdown:
         return formats.plans_markdown(plans)
     if len(plans) > 1:
-        err_console.print(
+        say(
             f"svdrank: no --energy or --preset given: writing the {DEFAULT_PRESET} preset "
-            f"({PRESETS[DEFAULT_PRESET]:.2f})",
-            highlight=False,
+            f"({PRESETS[DEFAULT_PRESET]:.2f})"
         )
         plans = [next(p for p in plans if p.mode.label == DEFAULT_PRESET)]
     if chosen is RankFormat.peft:
         return formats.dumps(formats.peft_record(plans[0], alpha_ratio))
     return formats.dumps(formats.ranks_record(plans[0], source))
+
+
+class ImageFormat(str, Enum):
+    """Figure file formats."""
+
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+@app.command()
+def plot(
+    analysis: Annotated[
+        Path, typer.Argument(help="Analysis file written by `svdrank diff`.")
+    ] = DEFAULT_ANALYSIS,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the figures (created if missing).")
+    ] = DEFAULT_PLOTS,
+    image_format: Annotated[
+        ImageFormat, typer.Option("--format", help="png, svg or pdf.")
+    ] = ImageFormat.png,
+    preset: Annotated[
+        Preset | None,
+        typer.Option(
+            help="Mark and map this preset's ranks; default: heat maps of all three presets, "
+            "curves marked with balanced.",
+            show_default=False,
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Mark and map the ranks of this energy target.", show_default=False),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Plot only modules matching this glob (repeatable).",
+            metavar="GLOB",
+            show_default=False,
+        ),
+    ] = None,
+    report: Annotated[
+        bool, typer.Option("--html", help="Also write report.html: one self-contained file.")
+    ] = False,
+) -> None:
+    """Energy curves, singular-value decay, rank heat maps and a budget chart; prints the paths."""
+    paths = _plot_analysis()(
+        load_analysis(analysis),
+        output,
+        image_format.value,
+        energy=energy,
+        preset=preset.value if preset else None,
+        include=include or (),
+        report=report,
+    )
+    sys.stdout.write("".join(f"{path}\n" for path in paths))
 
 
 class CheckFormat(str, Enum):

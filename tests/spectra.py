@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from svdrank.analysis import Analysis, AnalysisSettings, LayerResult
+from svdrank.engines import Spectrum
+
 TARGETS = (0.85, 0.90, 0.95)
 
 
@@ -49,3 +52,33 @@ def reference_ranks(matrix: np.ndarray, targets=TARGETS) -> list[int]:
     sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
     curve = np.cumsum(sigma**2) / np.sum(sigma**2)
     return [int(np.argmax(curve >= target - 1e-12)) + 1 for target in targets]
+
+
+def synthetic_analysis(
+    spectra: list[np.ndarray],
+    shapes: list[tuple[int, int]],
+    modules: list[str] | None = None,
+) -> Analysis:
+    """An Analysis with complete spectra given directly (no checkpoints)."""
+    modules = modules or [f"layers.{index}.proj" for index in range(len(spectra))]
+    layers = []
+    for module, values, shape in zip(modules, spectra, shapes, strict=True):
+        values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+        energy = float(np.sum(values**2))
+        kind = module.rsplit(".", 1)[-1]
+        block = next((int(part) for part in module.split(".") if part.isdigit()), None)
+        layers.append(
+            LayerResult(
+                module=module,
+                name=f"{module}.weight",
+                kind=kind,
+                block=block,
+                role="linear",
+                shape=shape,
+                dtype="F32",
+                delta_norm=energy**0.5,
+                base_norm=1.0,
+                spectrum=Spectrum(values, energy, True, "exact"),
+            )
+        )
+    return Analysis({}, AnalysisSettings(), tuple(layers), ())

@@ -10,33 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svdrank.analysis import Analysis, AnalysisSettings, LayerResult
-from svdrank.engines import Spectrum
+from svdrank.analysis import Analysis
 from svdrank.errors import UsageError
 from svdrank.policy import Constraints, parse_count, plan, plan_budget, preset_mode
 from tests.conftest import SAMPLES, assert_one_line_error
-
-
-def _analysis(spectra: list[np.ndarray], shapes: list[tuple[int, int]]) -> Analysis:
-    layers = []
-    for index, (values, shape) in enumerate(zip(spectra, shapes, strict=True)):
-        values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-        energy = float(np.sum(values**2))
-        layers.append(
-            LayerResult(
-                module=f"layers.{index}.proj",
-                name=f"layers.{index}.proj.weight",
-                kind="proj",
-                block=index,
-                role="linear",
-                shape=shape,
-                dtype="F32",
-                delta_norm=energy**0.5,
-                base_norm=1.0,
-                spectrum=Spectrum(values, energy, True, "exact"),
-            )
-        )
-    return Analysis({}, AnalysisSettings(), tuple(layers), ())
+from tests.spectra import synthetic_analysis
 
 
 def _brute_force(analysis: Analysis, budget: int, relative: bool = False) -> float:
@@ -67,7 +45,7 @@ spectra = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(spectra, st.integers(0, 200), st.booleans())
 def test_equal_widths_greedy_equals_brute_force_optimum(values, budget, relative):
-    analysis = _analysis(values, [(4, 6)] * len(values))  # every rank costs 10
+    analysis = synthetic_analysis(values, [(4, 6)] * len(values))  # every rank costs 10
 
     result = plan_budget(analysis, budget, "relative" if relative else "energy")
 
@@ -81,8 +59,9 @@ def test_equal_widths_greedy_equals_brute_force_optimum(values, budget, relative
 @settings(max_examples=200, deadline=None)
 @given(spectra, st.integers(0, 300), st.data())
 def test_mixed_widths_are_within_one_step_of_the_optimum(values, budget, data):
-    shapes = [data.draw(st.sampled_from([(4, 6), (8, 9), (3, 3)])) for _ in values]
-    analysis = _analysis(values, shapes)
+    # min(m, n) >= 4: a layer cannot have more singular values than its smaller side.
+    shapes = [data.draw(st.sampled_from([(4, 6), (8, 9), (4, 4)])) for _ in values]
+    analysis = synthetic_analysis(values, shapes)
 
     result = plan_budget(analysis, budget)
 
@@ -95,7 +74,9 @@ def test_mixed_widths_are_within_one_step_of_the_optimum(values, budget, data):
 def test_greedy_can_miss_the_knapsack_optimum_by_one_step_with_mixed_widths():
     # One rank of A costs 6 and keeps 6.6; each rank of B costs 5 and keeps 5.
     # Budget 10: greedy buys A (best ratio), then nothing fits: 6.6, not 10.
-    analysis = _analysis([np.array([6.6**0.5]), np.array([5**0.5, 5**0.5])], [(3, 3), (2, 3)])
+    analysis = synthetic_analysis(
+        [np.array([6.6**0.5]), np.array([5**0.5, 5**0.5])], [(3, 3), (2, 3)]
+    )
 
     result = plan_budget(analysis, 10)
 
@@ -107,7 +88,7 @@ def test_budget_equal_to_a_preset_cost_keeps_at_least_its_energy():
     rng = np.random.default_rng(0)
     shapes = [(64, 64), (128, 64), (64, 128), (96, 32)] * 3
     values = [np.sort(rng.pareto(1.5, size=min(shape)))[::-1] + 1e-3 for shape in shapes]
-    analysis = _analysis(values, shapes)
+    analysis = synthetic_analysis(values, shapes)
     for name in ("conservative", "balanced", "aggressive"):
         preset = plan(analysis, preset_mode(name))
 
@@ -120,7 +101,7 @@ def test_budget_equal_to_a_preset_cost_keeps_at_least_its_energy():
 def test_constraints_are_respected():
     rng = np.random.default_rng(1)
     shapes = [(40, 40), (40, 40), (60, 20)]
-    analysis = _analysis([np.sort(rng.random(min(s)))[::-1] for s in shapes], shapes)
+    analysis = synthetic_analysis([np.sort(rng.random(min(s)))[::-1] for s in shapes], shapes)
 
     result = plan_budget(analysis, 3000, constraints=Constraints(4, 24, 4))
 
@@ -130,7 +111,7 @@ def test_constraints_are_respected():
 
 
 def test_min_rank_above_the_budget_is_a_usage_error():
-    analysis = _analysis([np.ones(4)] * 2, [(4, 6)] * 2)
+    analysis = synthetic_analysis([np.ones(4)] * 2, [(4, 6)] * 2)
 
     with pytest.raises(UsageError, match="alone costs 80"):
         plan_budget(analysis, 50, constraints=Constraints(min_rank=4))

@@ -295,3 +295,39 @@ def test_nuclear_metric_uses_sum_of_singular_values(tmp_path, run_cli):
 
     assert record["metric"] == "nuclear"
     assert record["modules"][name.removesuffix(".weight")]["rank"] == expected
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(tmp_path, run_cli, monkeypatch):
+    import svdrank.cli
+
+    real_analyze = svdrank.cli.analyze
+
+    def interrupted(*args, **kwargs):
+        def progress(update):
+            if update.layers_done == 3:
+                raise KeyboardInterrupt
+
+        return real_analyze(*args, **{**kwargs, "progress": progress})
+
+    monkeypatch.setattr(svdrank.cli, "analyze", interrupted)
+    out = tmp_path / "a.json"
+
+    result = run_cli("diff", BASE, TUNED, "-o", out)
+
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == ["svdrank: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_a_terminal_stderr_has_no_progress_bar(tmp_path, run_cli):
+    result = run_cli("diff", BASE, TUNED, "-o", tmp_path / "a.json", "--format", "json")
+
+    assert result.stderr.splitlines() == [
+        "wrote " + str(tmp_path / "a.json") + " (29 layers, 11 skipped)"
+    ]
+
+
+def test_quiet_prints_nothing_on_stderr(tmp_path, run_cli):
+    result = run_cli("diff", BASE, TUNED, "-o", tmp_path / "a.json", "--quiet", "--format", "json")
+
+    assert result.exit_code == 0 and result.stderr == ""

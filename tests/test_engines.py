@@ -47,7 +47,7 @@ def test_complete_engines_give_the_reference_ranks(kind, shape, dtype, engine):
     assert spectrum.complete and spectrum.engine == engine
 
 
-@pytest.mark.parametrize("engine", ["randomized", "lanczos", "auto"])
+@pytest.mark.parametrize("engine", ["randomized", "krylov", "lanczos", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", SPECTRA)
@@ -56,21 +56,25 @@ def test_truncated_engines_are_never_below_and_at_most_one_percent_above(
 ):
     matrix = _matrix(kind, shape, dtype)
     slack = max(1, int(0.01 * min(shape)))
+    options = {"engine": "randomized", "krylov": True} if engine == "krylov" else {"engine": engine}
 
-    ranks, _ = _ranks(matrix, engine)
+    ranks, _ = _ranks(matrix, **options)
 
     for rank, reference in zip(ranks, reference_ranks(matrix), strict=True):
         assert reference <= rank <= reference + slack
 
 
+@pytest.mark.parametrize("krylov", [False, True])
 @pytest.mark.parametrize("normalizer", ["lu", "qr", "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["power-1", "exponential", "rank-7-plus-noise"])
-def test_randomized_values_never_exceed_the_true_ones(kind, dtype, normalizer):
+def test_randomized_values_never_exceed_the_true_ones(kind, dtype, normalizer, krylov):
     matrix = _matrix(kind, (500, 300), dtype)
     sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
 
-    values = randomized_values(matrix, 40, normalizer=normalizer, rng=np.random.default_rng(1))
+    values = randomized_values(
+        matrix, 40, normalizer=normalizer, rng=np.random.default_rng(1), krylov=krylov
+    )
 
     assert values.dtype == dtype
     assert np.all(values <= sigma[:40] + VALUE_TOLERANCE[dtype] * sigma[0])
@@ -207,3 +211,17 @@ def test_complete_setting_routes_to_exact():
     )
 
     assert (spectrum.engine, spectrum.complete, spectrum.k) == ("exact", True, 400)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_krylov_is_more_accurate_than_subspace_iteration_for_the_same_passes(dtype):
+    matrix = _matrix("power-1", (800, 600), dtype)
+    sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)[:30]
+
+    def error(krylov):
+        values = randomized_values(
+            matrix, 30, power_iters=2, rng=np.random.default_rng(2), krylov=krylov
+        )
+        return np.max(np.abs(values - sigma) / sigma)
+
+    assert error(True) < error(False) / 5

@@ -1,0 +1,77 @@
+"""Time `svdrank plot` on a 32-block x 7-kind analysis (issue: under 5 s)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from benchmarks.common import machine, markdown_table, median_seconds, write_results
+from svdrank.analysis import analyze
+from svdrank.plots import plot_analysis
+
+REPEATS = 3
+BLOCKS = 32
+HIDDEN, MLP = 128, 352
+SHAPES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (MLP, HIDDEN),
+    "mlp.up_proj": (MLP, HIDDEN),
+    "mlp.down_proj": (HIDDEN, MLP),
+}
+
+
+def write_pair(directory: Path) -> tuple[Path, Path]:
+    """A 32-block BF16 pair whose updates decay at a different rate in every layer."""
+    rng = np.random.default_rng(32)
+    base, tuned = {}, {}
+    for block in range(BLOCKS):
+        for suffix, shape in SHAPES.items():
+            name = f"model.layers.{block}.{suffix}.weight"
+            weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            decay = np.arange(1, shape[1] + 1, dtype=np.float32) ** -rng.uniform(0.3, 2.0)
+            delta = rng.standard_normal(shape, dtype=np.float32) * decay.astype(np.float32)
+            delta *= 0.2 * np.linalg.norm(weight) / np.linalg.norm(delta)
+            base[name] = weight.astype(ml_dtypes.bfloat16)
+            tuned[name] = (weight + delta).astype(ml_dtypes.bfloat16)
+    save_file(base, directory / "base.safetensors")
+    save_file(tuned, directory / "tuned.safetensors")
+    return directory / "base.safetensors", directory / "tuned.safetensors"
+
+
+def main() -> None:
+    """Time plotting in each format; write results/plots.{json,md}."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="svdrank-plots-") as scratch:
+        analysis = analyze(*write_pair(Path(scratch)))
+        for image_format in ("png", "svg", "pdf"):
+            seconds, paths = median_seconds(
+                lambda f=image_format: plot_analysis(analysis, Path(scratch) / f, f), REPEATS
+            )
+            rows.append({"format": image_format, "seconds": seconds, "figures": len(paths)})
+    record = {"machine": machine(), "blocks": BLOCKS, "repeats": REPEATS, "rows": rows}
+    write_results("plots", record, markdown)
+
+
+def markdown(record: dict) -> str:
+    """The summary table, from the saved record."""
+    env, blocks = record["machine"], record["blocks"]
+    text = f"# `svdrank plot` on {blocks} blocks x 7 kinds ({blocks * 7} layers)\n\n"
+    text += f"Machine: {env['cores']} cores; medians of {record['repeats']}; all figures of the "
+    text += (
+        "three presets (energy curves, singular-value decay, three heat maps, budget chart).\n\n"
+    )
+    return text + markdown_table(
+        ["format", "figures", "seconds"],
+        [[row["format"], row["figures"], f"{row['seconds']:.2f}"] for row in record["rows"]],
+    )
+
+
+if __name__ == "__main__":
+    main()

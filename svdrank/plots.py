@@ -1,0 +1,391 @@
+"""Figures of an analysis: energy curves, singular-value decay, rank heat maps, budgets.
+
+Built on ``matplotlib.figure.Figure`` without pyplot: no global state, no
+display, any backend-free environment works. Each figure function returns the
+Figure so that callers (and tests) can inspect it; :func:`write_figures` saves
+them under deterministic names.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from svdrank.analysis import Analysis, LayerResult
+from svdrank.energy import energy_curve, retained_energy
+from svdrank.errors import UsageError
+from svdrank.policy import DEFAULT_PRESET, RankPlan, recommend
+
+FORMATS = ("png", "svg", "pdf")
+# Okabe & Ito's colour-blind-safe palette, for categorical series.
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+BLOCK_COLORMAP = "viridis"
+TARGET_LINES = (0.85, 0.90, 0.95)
+UNIFORM_RANKS = (8, 16, 64)
+MAX_TICK_LABELS = 40
+ANNOTATE_UP_TO = 100
+"""Heat maps annotate every cell up to this many blocks, then only the colour bar speaks."""
+DPI = 120
+
+
+Figures = dict[str, Figure]
+"""The figures of one analysis, keyed by their file stem."""
+
+
+def kinds_in_order(layers: Sequence[LayerResult]) -> list[str]:
+    """Kinds in the order they first appear (q, k, v, o, gate, up, down in a Llama)."""
+    return list(dict.fromkeys(layer.kind for layer in layers))
+
+
+def _panel_grid(count: int) -> tuple[int, int]:
+    """Rows and columns for ``count`` panels, at most 4 wide."""
+    columns = min(4, count)
+    return math.ceil(count / columns), columns
+
+
+def _panels(title: str, kinds: list[str], sharey: bool = True) -> tuple[Figure, dict]:
+    """A figure with one axes per kind."""
+    rows, columns = _panel_grid(len(kinds))
+    figure = Figure(figsize=(4.2 * columns, 3.3 * rows), dpi=DPI, layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False, sharey=sharey)
+    axes = {}
+    for index, ax in enumerate(grid.flat):
+        if index < len(kinds):
+            axes[kinds[index]] = ax
+            ax.set_title(kinds[index])
+        else:
+            ax.set_visible(False)
+    figure.suptitle(title)
+    return figure, axes
+
+
+def _block_colors(layers: Sequence[LayerResult]):
+    """A function giving each layer its colour by block (viridis), and the norm used."""
+    blocks = [layer.block for layer in layers if layer.block is not None]
+    norm = Normalize(min(blocks, default=0), max(max(blocks, default=0), 1))
+    cmap = colormaps[BLOCK_COLORMAP]
+
+    def color(layer: LayerResult):
+        return "#555555" if layer.block is None else cmap(norm(layer.block))
+
+    return color, norm, cmap
+
+
+def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
+    """E(k) of every layer, one panel per kind, 85/90/95 % lines, each chosen rank marked."""
+    metric = rank_plan.metric
+    kinds = kinds_in_order(analysis.layers)
+    figure, axes = _panels(
+        f"Energy kept by rank k ({metric}) — marks: {rank_plan.mode.label}", kinds
+    )
+    color, norm, cmap = _block_colors(analysis.layers)
+    ranks = {item.layer.module: item.rank for item in rank_plan.layers}
+    for layer in analysis.layers:
+        ax = axes[layer.kind]
+        curve = energy_curve(layer.spectrum, metric)
+        if curve.size == 0:
+            continue
+        k = np.arange(1, curve.size + 1)
+        ax.plot(k, curve, color=color(layer), linewidth=1.0, alpha=0.85, label=layer.module)
+        rank = ranks[layer.module]
+        if rank > 0:
+            ax.plot(
+                [rank],
+                [curve[min(rank, curve.size) - 1]],
+                marker="o",
+                markersize=4,
+                linestyle="none",
+                color=color(layer),
+                markeredgecolor="black",
+                markeredgewidth=0.5,
+                gid="chosen-rank",
+            )
+    for kind, ax in axes.items():
+        for target, style in zip(TARGET_LINES, (":", "--", "-."), strict=True):
+            ax.axhline(
+                target,
+                color="#777777",
+                linestyle=style,
+                linewidth=0.8,
+                label=f"{target:.0%}",
+                gid="target-line",
+            )
+        ax.set_xlabel("rank k")
+        ax.set_ylabel("energy kept E(k)")
+        ax.set_ylim(0, 1.02)
+        _log_x_if_wide(ax, [ranks[layer.module] for layer in analysis.layers if layer.kind == kind])
+    _block_colorbar(figure, axes, norm, cmap)
+    return figure
+
+
+def _log_x_if_wide(ax, ranks: list[int]) -> None:
+    """Log-scale k when the chosen ranks span a decade or more."""
+    positive = [rank for rank in ranks if rank > 0]
+    if positive and max(positive) >= 10 * min(positive):
+        ax.set_xscale("log")
+
+
+def _block_colorbar(figure: Figure, axes: dict, norm, cmap) -> None:
+    """One colour bar for the block colours."""
+    figure.colorbar(
+        ScalarMappable(norm=norm, cmap=cmap), ax=list(axes.values()), label="block", shrink=0.8
+    )
+
+
+def singular_value_decay(analysis: Analysis) -> Figure:
+    """σᵢ/σ₁ on a log scale per layer, coloured by block, one panel per kind."""
+    kinds = kinds_in_order(analysis.layers)
+    figure, axes = _panels("Singular-value decay σᵢ/σ₁", kinds)
+    color, norm, cmap = _block_colors(analysis.layers)
+    for layer in analysis.layers:
+        values = layer.spectrum.values
+        if values.size == 0 or values[0] == 0:
+            continue
+        relative = values / values[0]
+        shown = relative > 0
+        index = np.arange(1, values.size + 1)[shown]
+        axes[layer.kind].plot(
+            index,
+            relative[shown],
+            color=color(layer),
+            linewidth=1.0,
+            alpha=0.85,
+            label=layer.module,
+        )
+    for ax in axes.values():
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_xlabel("index i")
+        ax.set_ylabel("σᵢ / σ₁")
+    _block_colorbar(figure, axes, norm, cmap)
+    return figure
+
+
+def rank_grid(rank_plan: RankPlan) -> tuple[list[int], list[str], np.ndarray]:
+    """Blocks, kinds, and the blocks × kinds matrix of ranks (NaN where a kind is absent)."""
+    in_blocks = [item for item in rank_plan.layers if item.layer.block is not None]
+    blocks = sorted({item.layer.block for item in in_blocks})
+    kinds = kinds_in_order([item.layer for item in in_blocks])
+    grid = np.full((len(blocks), len(kinds)), np.nan)
+    for item in in_blocks:
+        grid[blocks.index(item.layer.block), kinds.index(item.layer.kind)] = item.rank
+    return blocks, kinds, grid
+
+
+def rank_heatmap(rank_plan: RankPlan) -> Figure:
+    """Blocks × kinds, each cell the recommended rank, with a colour bar."""
+    blocks, kinds, grid = rank_grid(rank_plan)
+    if not blocks:
+        raise UsageError("no layer has a block number: a rank heat map needs blocks")
+    height = max(3.0, 0.22 * len(blocks) + 1.5)
+    figure = Figure(figsize=(1.1 * len(kinds) + 2.5, height), dpi=DPI, layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap="cividis", interpolation="nearest")
+    figure.colorbar(image, ax=ax, label="rank")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
+    step = max(1, math.ceil(len(blocks) / MAX_TICK_LABELS))
+    ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
+    ax.set_ylabel("block")
+    others = sum(1 for item in rank_plan.layers if item.layer.block is None)
+    note = f" ({others} layers outside blocks not shown)" if others else ""
+    ax.set_title(f"Recommended ranks — {rank_plan.mode.label}{note}")
+    if len(blocks) <= ANNOTATE_UP_TO:
+        _annotate_cells(ax, grid, image)
+    return figure
+
+
+def _annotate_cells(ax, grid: np.ndarray, image) -> None:
+    """Write each rank in its cell, dark on light cells and light on dark ones."""
+    size = 8 if grid.shape[0] <= 40 else 6
+    for (row, column), value in np.ndenumerate(grid):
+        if np.isnan(value):
+            continue
+        shade = image.cmap(image.norm(value))
+        luminance = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2]
+        ax.text(
+            column,
+            row,
+            f"{int(value)}",
+            ha="center",
+            va="center",
+            fontsize=size,
+            color="black" if luminance > 0.5 else "white",
+            gid="rank-label",
+        )
+
+
+def budget_bars(plans: Sequence[RankPlan], analysis: Analysis) -> Figure:
+    """Total LoRA parameters per plan against uniform r = 8/16/64, each with its energy kept."""
+    labels, params, energies = [], [], []
+    for rank_plan in plans:
+        labels.append(rank_plan.mode.label)
+        params.append(rank_plan.params)
+        energies.append(rank_plan.energy)
+    total = sum(layer.spectrum.total_energy for layer in analysis.layers) or 1.0
+    for rank in UNIFORM_RANKS:
+        labels.append(f"uniform r={rank}")
+        params.append(
+            sum(min(rank, min(layer.shape)) * sum(layer.shape) for layer in analysis.layers)
+        )
+        kept = sum(
+            retained_energy(layer.spectrum, rank) * layer.spectrum.total_energy
+            for layer in analysis.layers
+        )
+        energies.append(kept / total)
+    figure = Figure(figsize=(1.3 * len(labels) + 2, 4.2), dpi=DPI, layout="constrained")
+    ax = figure.subplots()
+    colors = [OKABE_ITO[0]] * len(plans) + [OKABE_ITO[1]] * len(UNIFORM_RANKS)
+    bars = ax.bar(labels, params, color=colors)
+    for bar, energy in zip(bars, energies, strict=True):
+        ax.annotate(
+            f"keeps {energy:.1%}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+    ax.set_ylabel("LoRA parameters")
+    ax.set_title("LoRA parameters and energy kept: recommended vs uniform ranks")
+    ax.tick_params(axis="x", rotation=20)
+    ax.margins(y=0.15)
+    return figure
+
+
+def make_figures(analysis: Analysis, plans: Sequence[RankPlan], marked: RankPlan) -> Figures:
+    """Every figure of an analysis; ``marked`` is the plan whose ranks the curves mark."""
+    figures = {
+        "energy-curves": energy_curves(analysis, marked),
+        "singular-values": singular_value_decay(analysis),
+    }
+    if any(layer.block is not None for layer in analysis.layers):
+        for rank_plan in plans:
+            stem = "rank-heatmap-" + rank_plan.mode.label.replace(" ", "-").replace(",", "")
+            figures[stem] = rank_heatmap(rank_plan)
+    figures["budget"] = budget_bars(plans, analysis)
+    return figures
+
+
+def write_figures(figures: Figures, directory: Path, image_format: str = "png") -> list[Path]:
+    """Save every figure as DIR/STEM.FORMAT; returns the paths in order."""
+    if image_format not in FORMATS:
+        raise UsageError(f"unknown image format {image_format!r}; choose png, svg or pdf")
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, figure in figures.items():
+        path = directory / f"{stem}.{image_format}"
+        figure.savefig(path, format=image_format, metadata=_metadata(image_format))
+        paths.append(path)
+    return paths
+
+
+def _metadata(image_format: str) -> dict:
+    """Drop the creation dates that would make identical figures differ byte for byte."""
+    return {"Date": None} if image_format in ("svg", "pdf") else {}
+
+
+def summary_table_html(plans: Sequence[RankPlan]) -> str:
+    """An HTML table of each plan's totals: parameters, share of full fine-tuning, energy."""
+    rows = "".join(
+        f"<tr><td>{html.escape(p.mode.label)}</td><td>{p.params:,}</td>"
+        f"<td>{p.params / p.full_params:.2%}</td><td>{p.energy:.2%}</td></tr>"
+        for p in plans
+        if p.full_params
+    )
+    return (
+        "<table><tr><th>plan</th><th>LoRA parameters</th><th>of full fine-tuning</th>"
+        f"<th>energy kept</th></tr>{rows}</table>"
+    )
+
+
+def write_html_report(figures: Figures, summary: str, path: Path) -> Path:
+    """One self-contained HTML file: the summary table and every figure as an inline PNG."""
+    sections = []
+    for stem, figure in figures.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+        sections.append(
+            f'<h2>{html.escape(stem)}</h2>\n<img alt="{html.escape(stem)}" '
+            f'src="data:image/png;base64,{encoded}">'
+        )
+    body = "\n".join(sections)
+    page = (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>svdrank report</title>'
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
+        "img{max-width:100%}td,th{padding:2px 10px;text-align:right}</style></head><body>\n"
+        f"<h1>svdrank report</h1>\n{summary}\n{body}\n</body></html>\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
+    """The analysis restricted to modules matching any of the glob patterns."""
+    if not include:
+        return analysis
+    layers = tuple(
+        layer
+        for layer in analysis.layers
+        if any(fnmatch.fnmatchcase(layer.module, pattern) for pattern in include)
+    )
+    if not layers:
+        raise UsageError(f"no analysed module matches {', '.join(include)}")
+    return replace(analysis, layers=layers)
+
+
+def plot_analysis(
+    analysis: Analysis,
+    directory: str | Path,
+    image_format: str = "png",
+    energy: float | None = None,
+    preset: str | None = None,
+    include: Sequence[str] = (),
+    report: bool = False,
+) -> list[Path]:
+    """Write every figure of an analysis (and optionally report.html) into ``directory``.
+
+    Parameters
+    ----------
+    analysis : Analysis
+    directory : str or Path
+        Created if missing; files are named ``energy-curves``, ``singular-values``,
+        ``rank-heatmap-<plan>`` and ``budget`` with the format's suffix.
+    image_format : {"png", "svg", "pdf"}
+    energy, preset : optional
+        The plan to mark and map; default: the three presets (curves mark balanced).
+    include : sequence of str
+        Glob patterns on module names to plot.
+    report : bool
+        Also write ``report.html``, one self-contained file.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    analysis = select_layers(analysis, include)
+    plans = recommend(analysis, energy=energy, preset=preset)
+    marked = next((p for p in plans if p.mode.label == DEFAULT_PRESET), plans[0])
+    figures = make_figures(analysis, plans, marked)
+    directory = Path(directory)
+    paths = write_figures(figures, directory, image_format)
+    if report:
+        paths.append(
+            write_html_report(figures, summary_table_html(plans), directory / "report.html")
+        )
+    return paths
