@@ -10,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import scipy
+from safetensors.numpy import save_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET_TARGETS = (0.95, 0.90, 0.85)
@@ -46,6 +48,32 @@ def planted_power_law(
     floor *= noise * sigma[-1] / (np.sqrt(m) + np.sqrt(n))
     matrix += floor
     return matrix
+
+
+def write_decaying_pair(
+    directory: Path,
+    shapes: dict[str, tuple[int, int]],
+    alphas: dict[str, float],
+    relative_change: float,
+    seed: int,
+) -> tuple[Path, Path]:
+    """Write base.safetensors and tuned.safetensors (BF16) whose updates decay like i^-alpha.
+
+    ΔW = G·diag(i^-alpha) for a Gaussian G, scaled to ‖ΔW‖/‖W‖ = relative_change,
+    so σᵢ falls roughly like i^-alpha; a cheap stand-in for fine-tuning updates.
+    """
+    rng = np.random.default_rng(seed)
+    base, tuned = {}, {}
+    for name, shape in shapes.items():
+        weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        decay = np.arange(1, shape[1] + 1, dtype=np.float32) ** np.float32(-alphas[name])
+        delta = rng.standard_normal(shape, dtype=np.float32) * decay
+        delta *= relative_change * np.linalg.norm(weight) / np.linalg.norm(delta)
+        base[name] = weight.astype(ml_dtypes.bfloat16)
+        tuned[name] = (weight + delta).astype(ml_dtypes.bfloat16)
+    save_file(base, directory / "base.safetensors")
+    save_file(tuned, directory / "tuned.safetensors")
+    return directory / "base.safetensors", directory / "tuned.safetensors"
 
 
 def ranks_from(values: np.ndarray, total: float) -> list[int | None]:

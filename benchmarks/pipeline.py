@@ -27,12 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import scipy.linalg
-from safetensors.numpy import save_file
 
-from benchmarks.common import machine, markdown_table, median_seconds, write_results
+from benchmarks.common import (
+    machine,
+    markdown_table,
+    median_seconds,
+    write_decaying_pair,
+    write_results,
+)
 from svdrank.checkpoint import open_checkpoint, read_tensor_view
 from svdrank.pairing import pair_checkpoints
 
@@ -64,20 +68,10 @@ def layer_shapes() -> dict[str, tuple[int, int]]:
 
 
 def write_pair(directory: Path, regime: dict[str, float], seed: int) -> tuple[Path, Path]:
-    """Write base.safetensors and tuned.safetensors (BF16) for one regime."""
-    rng = np.random.default_rng(seed)
-    base, tuned = {}, {}
-    for name, shape in layer_shapes().items():
-        alpha = regime["mlp" if ".mlp." in name else "attention"]
-        weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-        decay = np.arange(1, shape[1] + 1, dtype=np.float32) ** np.float32(-alpha)
-        delta = rng.standard_normal(shape, dtype=np.float32) * decay
-        delta *= 0.1 * np.linalg.norm(weight) / np.linalg.norm(delta)
-        base[name] = weight.astype(ml_dtypes.bfloat16)
-        tuned[name] = (weight + delta).astype(ml_dtypes.bfloat16)
-    save_file(base, directory / "base.safetensors")
-    save_file(tuned, directory / "tuned.safetensors")
-    return directory / "base.safetensors", directory / "tuned.safetensors"
+    """Write the BF16 pair of one regime."""
+    shapes = layer_shapes()
+    alphas = {name: regime["mlp" if ".mlp." in name else "attention"] for name in shapes}
+    return write_decaying_pair(directory, shapes, alphas, relative_change=0.1, seed=seed)
 
 
 def floor(base: Path, tuned: Path) -> None:

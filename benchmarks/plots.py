@@ -5,11 +5,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
-from benchmarks.common import machine, markdown_table, median_seconds, write_results
+from benchmarks.common import (
+    machine,
+    markdown_table,
+    median_seconds,
+    write_decaying_pair,
+    write_results,
+)
 from svdrank.analysis import analyze
 from svdrank.plots import plot_analysis
 
@@ -30,19 +34,13 @@ SHAPES = {
 def write_pair(directory: Path) -> tuple[Path, Path]:
     """A 32-block BF16 pair whose updates decay at a different rate in every layer."""
     rng = np.random.default_rng(32)
-    base, tuned = {}, {}
-    for block in range(BLOCKS):
-        for suffix, shape in SHAPES.items():
-            name = f"model.layers.{block}.{suffix}.weight"
-            weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-            decay = np.arange(1, shape[1] + 1, dtype=np.float32) ** -rng.uniform(0.3, 2.0)
-            delta = rng.standard_normal(shape, dtype=np.float32) * decay.astype(np.float32)
-            delta *= 0.2 * np.linalg.norm(weight) / np.linalg.norm(delta)
-            base[name] = weight.astype(ml_dtypes.bfloat16)
-            tuned[name] = (weight + delta).astype(ml_dtypes.bfloat16)
-    save_file(base, directory / "base.safetensors")
-    save_file(tuned, directory / "tuned.safetensors")
-    return directory / "base.safetensors", directory / "tuned.safetensors"
+    shapes = {
+        f"model.layers.{block}.{suffix}.weight": shape
+        for block in range(BLOCKS)
+        for suffix, shape in SHAPES.items()
+    }
+    alphas = {name: rng.uniform(0.3, 2.0) for name in shapes}
+    return write_decaying_pair(directory, shapes, alphas, relative_change=0.2, seed=32)
 
 
 def main() -> None:

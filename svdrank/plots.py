@@ -22,6 +22,8 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter
 
 from svdrank.analysis import Analysis, LayerResult
 from svdrank.energy import energy_curve, retained_energy
@@ -44,9 +46,31 @@ Figures = dict[str, Figure]
 """The figures of one analysis, keyed by their file stem."""
 
 
+KIND_ORDER = (
+    "embed_tokens",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "c_attn",
+    "c_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "lm_head",
+)
+"""Where the kinds a reader knows go: attention before MLP, in the model's own order."""
+
+
 def kinds_in_order(layers: Sequence[LayerResult]) -> list[str]:
-    """Kinds in the order they first appear (q, k, v, o, gate, up, down in a Llama)."""
-    return list(dict.fromkeys(layer.kind for layer in layers))
+    """Kinds in a Llama reader's order (q, k, v, o, gate, up, down); others after, as met."""
+    found = list(dict.fromkeys(layer.kind for layer in layers))
+    known = [kind for kind in KIND_ORDER if kind in found]
+    return known + [kind for kind in found if kind not in KIND_ORDER]
 
 
 def _panel_grid(count: int) -> tuple[int, int]:
@@ -112,29 +136,49 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
                 markeredgewidth=0.5,
                 gid="chosen-rank",
             )
-    for kind, ax in axes.items():
+    wide = _spans_a_decade(list(ranks.values()))
+    for ax in axes.values():
         for target, style in zip(TARGET_LINES, (":", "--", "-."), strict=True):
             ax.axhline(
                 target,
                 color="#777777",
                 linestyle=style,
                 linewidth=0.8,
-                label=f"{target:.0%}",
+                label=f"{target:.0%} energy",
                 gid="target-line",
             )
-        ax.set_xlabel("rank k")
+        ax.set_xlabel("rank k" + (" (log)" if wide else ""))
         ax.set_ylabel("energy kept E(k)")
         ax.set_ylim(0, 1.02)
-        _log_x_if_wide(ax, [ranks[layer.module] for layer in analysis.layers if layer.kind == kind])
+        if wide:
+            ax.set_xscale("log")
+    _legend(figure, next(iter(axes.values())))
     _block_colorbar(figure, axes, norm, cmap)
     return figure
 
 
-def _log_x_if_wide(ax, ranks: list[int]) -> None:
-    """Log-scale k when the chosen ranks span a decade or more."""
+def _spans_a_decade(ranks: list[int]) -> bool:
+    """Whether the chosen ranks span a decade or more (then k goes on a log axis)."""
     positive = [rank for rank in ranks if rank > 0]
-    if positive and max(positive) >= 10 * min(positive):
-        ax.set_xscale("log")
+    return bool(positive) and max(positive) >= 10 * min(positive)
+
+
+def _legend(figure: Figure, ax) -> None:
+    """One legend for the target lines and the rank marker, under the title."""
+    handles = [line for line in ax.get_lines() if line.get_gid() == "target-line"]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="none",
+            color="#999999",
+            markeredgecolor="black",
+            markeredgewidth=0.5,
+            label="chosen rank",
+        )
+    )
+    figure.legend(handles=handles, loc="outside upper right", ncols=len(handles), frameon=False)
 
 
 def _block_colorbar(figure: Figure, axes: dict, norm, cmap) -> None:
@@ -199,7 +243,7 @@ def rank_heatmap(rank_plan: RankPlan) -> Figure:
     ax.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]])
     ax.set_ylabel("block")
     others = sum(1 for item in rank_plan.layers if item.layer.block is None)
-    note = f" ({others} layers outside blocks not shown)" if others else ""
+    note = f" ({others} layer{'s' * (others != 1)} outside blocks not shown)" if others else ""
     ax.set_title(f"Recommended ranks — {rank_plan.mode.label}{note}")
     if len(blocks) <= ANNOTATE_UP_TO:
         _annotate_cells(ax, grid, image)
@@ -259,6 +303,7 @@ def budget_bars(plans: Sequence[RankPlan], analysis: Analysis) -> Figure:
             textcoords="offset points",
         )
     ax.set_ylabel("LoRA parameters")
+    ax.yaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_title("LoRA parameters and energy kept: recommended vs uniform ranks")
     ax.tick_params(axis="x", rotation=20)
     ax.margins(y=0.15)

@@ -218,3 +218,32 @@ def test_corrupt_index_is_one_line_error(tmp_path, run_cli):
 
 def test_empty_directory_is_one_line_error(tmp_path, run_cli):
     assert_one_line_error(run_cli("inspect", tmp_path), "no .safetensors files")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "base.safetensors",
+        "tuned.safetensors",
+        "tuned-sharded",
+        "tuned-sharded/model.safetensors.index.json",
+        "tuned-sharded/model-00001-of-00002.safetensors",
+        "adapter",
+        "adapter/adapter_model.safetensors",
+    ],
+)
+def test_inspect_reads_every_sample(run_cli, target):
+    result = run_cli("inspect", SAMPLES / target, "--format", "json")
+
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["schema"] == "svdrank.inspect/1"
+    assert record["totals"]["tensors"] == len(record["tensors"]) > 0
+    assert record["totals"]["bytes"] == sum(item["bytes"] for item in record["tensors"])
+
+
+def test_inspect_table_has_totals_per_dtype_and_kind(run_cli):
+    result = run_cli("inspect", SAMPLES / "tuned.safetensors", "--format", "table")
+
+    for text in ("Totals per dtype", "Totals per kind", "BF16", "I64", "q_proj", "40 tensors"):
+        assert text in result.stdout

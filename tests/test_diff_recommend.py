@@ -331,3 +331,26 @@ def test_quiet_prints_nothing_on_stderr(tmp_path, run_cli):
     result = run_cli("diff", BASE, TUNED, "-o", tmp_path / "a.json", "--quiet", "--format", "json")
 
     assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_workers_give_the_same_analysis_as_one(tmp_path, run_cli):
+    # Layers wide enough that the randomized sketch really runs (and is seeded per layer).
+    from tests.spectra import planted
+
+    sigma = np.arange(1, 401, dtype=np.float64) ** -1.0
+    base = {f"layers.{i}.proj.weight": np.zeros((600, 400), np.float32) for i in range(5)}
+    tuned = {name: planted((600, 400), sigma, np.float32, seed=i) for i, name in enumerate(base)}
+    pair = (
+        write_checkpoint(tmp_path / "b.safetensors", base),
+        write_checkpoint(tmp_path / "t.safetensors", tuned),
+    )
+    records = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"a{workers}.json"
+        run_cli("diff", *pair, "-o", out, "--engine", "randomized", "--workers", workers)
+        records.append(json.loads(out.read_text()))
+
+    assert {layer["engine"] for layer in records[0]["layers"]} == {"randomized"}
+    for one, many in zip(records[0]["layers"], records[1]["layers"], strict=True):
+        assert one["module"] == many["module"]
+        assert one["singular_values"] == many["singular_values"]
