@@ -26,7 +26,7 @@ from svdrank import __version__
 from svdrank.adaptive import EngineSettings, decompose
 from svdrank.checkpoint import Checkpoint, header_sha256, open_checkpoint, read_tensor_view
 from svdrank.energy import METRICS
-from svdrank.engines import Spectrum
+from svdrank.engines import Spectrum, sum_of_squares
 from svdrank.errors import AnalysisFileError, UsageError
 from svdrank.pairing import Layer, Skipped, pair_checkpoints
 
@@ -222,8 +222,7 @@ def form_delta(layer: Layer) -> tuple[np.ndarray, float]:
     base, tuned = read_tensor_view(layer.base), read_tensor_view(layer.tuned)
     wide = np.float64 if "F64" in (layer.base.dtype, layer.tuned.dtype) else np.float32
     delta = np.subtract(tuned, base, dtype=wide).reshape(layer.shape)
-    flat = base.reshape(-1)
-    base_norm = math.sqrt(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    base_norm = math.sqrt(sum_of_squares(base))
     return delta, base_norm
 
 

@@ -52,9 +52,28 @@ class Spectrum:
         return int(self.values.size)
 
 
+CHUNK_ELEMENTS = 1 << 20
+
+
+def sum_of_squares(array: np.ndarray) -> float:
+    """Σ x² over every entry, accumulated in float64, a bounded chunk of rows at a time.
+
+    einsum with dtype=float64 would first cast the whole operand to float64
+    (8 bytes per entry, twice); chunking keeps that copy to a few MB.
+    """
+    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+    step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    return float(
+        sum(
+            np.einsum("ij,ij->", chunk, chunk, dtype=np.float64)
+            for chunk in (rows[start : start + step] for start in range(0, rows.shape[0], step))
+        )
+    )
+
+
 def total_energy(delta: np.ndarray) -> float:
     """‖ΔW‖_F², accumulated in float64 so that it can decide a rank."""
-    return float(np.einsum("ij,ij->", delta, delta, dtype=np.float64))
+    return sum_of_squares(delta)
 
 
 def check_finite(delta: np.ndarray, name: str) -> float:

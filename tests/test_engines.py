@@ -225,3 +225,15 @@ def test_block_krylov_is_more_accurate_than_subspace_iteration_for_the_same_pass
         return np.max(np.abs(values - sigma) / sigma)
 
     assert error(True) < error(False) / 5
+
+
+@pytest.mark.parametrize("shape", [(5000, 700), (3, 4), (2_500_000,), (1, 3_000_000)])
+def test_sum_of_squares_in_chunks_equals_float64_reference(shape):
+    import ml_dtypes
+
+    from svdrank.engines import sum_of_squares
+
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for array in (values, values.astype(ml_dtypes.bfloat16)):
+        expected = float(np.sum(array.astype(np.float64) ** 2))
+        assert sum_of_squares(array) == pytest.approx(expected, rel=1e-12)
