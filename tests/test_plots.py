@@ -33,6 +33,18 @@ def _lines(ax, gid=None):
     return [line for line in ax.get_lines() if line.get_gid() == gid]
 
 
+def _curves(ax) -> list[np.ndarray]:
+    """The (x, y) points of every layer's curve in a panel."""
+    collections = [c for c in ax.collections if c.get_gid() == "layer-curves"]
+    return [points for c in collections for points in c.get_segments()]
+
+
+def _marks(ax) -> np.ndarray:
+    """The (k, E(k)) points of a panel's chosen-rank marks."""
+    marks = [c.get_offsets() for c in ax.collections if c.get_gid() == "chosen-rank"]
+    return np.concatenate(marks) if marks else np.empty((0, 2))
+
+
 def test_energy_curves_one_curve_per_layer_and_marks_the_chosen_ranks(sample):
     balanced = plan(sample, preset_mode("balanced"))
 
@@ -42,9 +54,13 @@ def test_energy_curves_one_curve_per_layer_and_marks_the_chosen_ranks(sample):
     nonzero = [item for item in balanced.layers if item.layer.spectrum.total_energy > 0]
     for kind, ax in axes.items():
         expected = [item for item in nonzero if item.layer.kind == kind]
-        assert len(_lines(ax)) == len(expected)
-        marked = sorted(int(line.get_xdata()[0]) for line in _lines(ax, "chosen-rank"))
-        assert marked == sorted(item.rank for item in expected)
+        curves = _curves(ax)
+        assert len(curves) == len(expected)
+        marks = _marks(ax)
+        assert marks[:, 0].tolist() == [item.rank for item in expected]
+        for (k, energy), item in zip(marks, expected, strict=True):
+            squares = item.layer.spectrum.values**2  # complete spectra: E(k) by hand
+            assert energy == pytest.approx(squares[: int(k)].sum() / squares.sum())
         targets = sorted(line.get_ydata()[0] for line in _lines(ax, "target-line"))
         assert targets == [0.85, 0.90, 0.95]
 
@@ -74,8 +90,13 @@ def test_heatmap_cells_equal_the_recommended_ranks(sample, run_cli, tmp_path):
 def test_singular_value_decay_has_a_curve_per_nonzero_layer(sample):
     figure = singular_value_decay(sample)
 
-    curves = sum(len(_lines(ax)) for ax in figure.axes if ax.get_title())
+    curves = sum(len(_curves(ax)) for ax in figure.axes if ax.get_title())
     assert curves == sum(1 for layer in sample.layers if layer.spectrum.total_energy > 0)
+    q_proj = next(ax for ax in figure.axes if ax.get_title() == "q_proj")
+    first = next(layer for layer in sample.layers if layer.kind == "q_proj")
+    np.testing.assert_allclose(
+        _curves(q_proj)[0][:, 1], first.spectrum.values / first.spectrum.values[0]
+    )
 
 
 def test_budget_bars_show_each_plan_and_the_uniform_ranks(sample):
