@@ -26,7 +26,7 @@ from svdrank import __version__
 from svdrank.adaptive import EngineSettings, decompose
 from svdrank.checkpoint import Checkpoint, header_sha256, open_checkpoint, read_tensor_view
 from svdrank.energy import METRICS
-from svdrank.engines import Spectrum, sum_of_squares
+from svdrank.engines import Spectrum, require_finite, sum_of_squares
 from svdrank.errors import AnalysisFileError, UsageError
 from svdrank.pairing import Layer, Skipped, pair_checkpoints
 
@@ -213,17 +213,32 @@ def layer_bytes(layer: Layer) -> int:
     return layer.base.nbytes + layer.tuned.nbytes
 
 
-def form_delta(layer: Layer) -> tuple[np.ndarray, float]:
-    """ΔW in float32 (float64 when an input is F64), and ‖W_base‖_F.
+@dataclass(frozen=True)
+class FormedDelta:
+    """One layer's update as the reader hands it over: ΔW and the sums formed with it."""
 
-    One pass over the two memory-mapped tensors: the subtraction casts in
-    buffered chunks, so no widened copy of either input is made.
+    delta: np.ndarray
+    total_energy: float
+    base_norm: float
+
+
+def form_delta(layer: Layer) -> FormedDelta:
+    """ΔW in float32 (float64 when an input is F64), ‖ΔW‖_F² and ‖W_base‖_F.
+
+    One pass over the two memory-mapped tensors forms ΔW: the subtraction
+    casts in buffered chunks, so no widened copy of either input is made. The
+    sums of squares accumulate in float64 (see ``sum_of_squares``).
+
+    Raises
+    ------
+    NumericalError
+        If ΔW holds NaN or Inf.
     """
     base, tuned = read_tensor_view(layer.base), read_tensor_view(layer.tuned)
     wide = np.float64 if "F64" in (layer.base.dtype, layer.tuned.dtype) else np.float32
     delta = np.subtract(tuned, base, dtype=wide).reshape(layer.shape)
-    base_norm = math.sqrt(sum_of_squares(base))
-    return delta, base_norm
+    energy = require_finite(sum_of_squares(delta), layer.name)
+    return FormedDelta(delta, energy, math.sqrt(sum_of_squares(base)))
 
 
 def _analyze_layers(
@@ -241,12 +256,12 @@ def _analyze_layers(
     try:
         next_read = reader.submit(form_delta, layers[0])
         for index, layer in enumerate(layers):
-            delta, base_norm = next_read.result()
+            formed = next_read.result()
             if len(in_flight) == settings.workers:
                 yield _finish(*in_flight.popleft(), report)
-            task = pool.submit(_analyze_layer, layer, delta, base_norm, index, settings)
+            task = pool.submit(_analyze_layer, layer, formed, index, settings)
             in_flight.append((layer, task))
-            del delta
+            del formed
             if index + 1 < len(layers):
                 next_read = reader.submit(form_delta, layers[index + 1])
         while in_flight:
@@ -257,12 +272,12 @@ def _analyze_layers(
 
 
 def _analyze_layer(
-    layer: Layer, delta: np.ndarray, base_norm: float, index: int, settings: AnalysisSettings
+    layer: Layer, formed: FormedDelta, index: int, settings: AnalysisSettings
 ) -> LayerResult:
     """Decompose one layer's update (runs in a worker thread)."""
     started = time.perf_counter()
     rng = np.random.default_rng([settings.seed, index])
-    spectrum = decompose(delta, settings.engine, rng, name=layer.name)
+    spectrum = decompose(formed.delta, settings.engine, rng, layer.name, formed.total_energy)
     return LayerResult(
         module=layer.module,
         name=layer.name,
@@ -272,7 +287,7 @@ def _analyze_layer(
         shape=layer.shape,
         dtype=layer.base.dtype,
         delta_norm=math.sqrt(spectrum.total_energy),
-        base_norm=base_norm,
+        base_norm=formed.base_norm,
         spectrum=spectrum,
         seconds=time.perf_counter() - started,
     )

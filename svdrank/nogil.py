@@ -1,0 +1,163 @@
+"""The three BLAS/LAPACK calls of the hot path, made without holding Python's GIL.
+
+SciPy's ``scipy.linalg.blas``/``lapack`` wrappers hold the GIL for the whole
+call, so while a layer's Gram matrix is formed (SYRK, ~0.13 s) or its
+eigenvalues computed (syevr, ~0.2 s) the thread that reads and forms the next
+layer cannot run a line. The same routines are published by SciPy, for
+Cython, as function pointers in ``scipy.linalg.cython_blas`` and
+``cython_lapack`` (``__pyx_capi__``); a ``ctypes`` call through such a pointer
+releases the GIL. Numba reaches LAPACK the same way. These are the routines
+of SciPy's own OpenBLAS, so nothing else is loaded and results are those of
+the SciPy wrappers, which tests check.
+
+If the pointers cannot be had (a SciPy without them), every function falls
+back to the SciPy wrapper: slower to overlap, same numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import cython_blas, cython_lapack
+
+_INT = ctypes.c_int
+_CHAR = ctypes.c_char_p
+_POINTER = ctypes.c_void_p
+_SCALAR = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+_PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
+
+
+def _pointer(module, name: str) -> int | None:
+    """The address of a Cython-exported BLAS/LAPACK routine, or None."""
+    capsule = getattr(module, "__pyx_capi__", {}).get(name)
+    if capsule is None:
+        return None
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype = ctypes.c_char_p
+    api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    return api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+
+
+def _routine(module, name: str, arguments: int, restype=None) -> Callable | None:
+    """A ctypes function for a routine whose arguments are all pointers (Fortran style)."""
+    address = _pointer(module, name)
+    if address is None:
+        return None
+    return ctypes.CFUNCTYPE(restype, *([_POINTER] * arguments))(address)
+
+
+_SYRK = {dtype: _routine(cython_blas, f"{p}syrk", 10) for dtype, p in _PREFIX.items()}
+_SYEVR = {dtype: _routine(cython_lapack, f"{p}syevr", 21) for dtype, p in _PREFIX.items()}
+_DSDOT = _routine(cython_blas, "dsdot", 5, restype=ctypes.c_double)
+
+
+def _ref(value, ctype) -> ctypes.c_void_p:
+    """A pointer to a fresh C scalar (Fortran passes every argument by reference)."""
+    return ctypes.cast(ctypes.pointer(ctype(value)), ctypes.c_void_p)
+
+
+def _data(array: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+def gram_lower(delta: np.ndarray) -> np.ndarray:
+    """The lower triangle of ΔWᵀΔW or ΔWΔWᵀ, whichever is smaller (SYRK, GIL released).
+
+    Returns a Fortran-ordered square matrix whose strict upper triangle is zero.
+    """
+    m, n = delta.shape
+    wants_columns = m >= n  # ΔWᵀΔW is the smaller one
+    if not delta.flags.f_contiguous:
+        # A C-ordered ΔW's transpose is Fortran-ordered: SYRK reads it in place.
+        delta = np.ascontiguousarray(delta).T
+        wants_columns = not wants_columns
+    syrk = _SYRK.get(delta.dtype)
+    if syrk is None:
+        wrapper = scipy.linalg.blas.get_blas_funcs("syrk", (delta,))
+        return wrapper(1.0, delta, trans=1 if wants_columns else 0, lower=1)
+    rows, columns = delta.shape
+    size, depth = (columns, rows) if wants_columns else (rows, columns)
+    gram = np.zeros((size, size), dtype=delta.dtype, order="F")
+    scalar = _SCALAR[delta.dtype]
+    syrk(
+        _CHAR(b"L"),
+        _CHAR(b"T" if wants_columns else b"N"),
+        _ref(size, _INT),
+        _ref(depth, _INT),
+        _ref(1.0, scalar),
+        _data(delta),
+        _ref(max(rows, 1), _INT),
+        _ref(0.0, scalar),
+        _data(gram),
+        _ref(max(size, 1), _INT),
+    )
+    return gram
+
+
+def eigenvalues_lower(gram: np.ndarray) -> np.ndarray:
+    """All eigenvalues, ascending, of a symmetric matrix given by its lower triangle.
+
+    LAPACK syevr, values only, GIL released; ``gram`` is overwritten. Raises
+    ``numpy.linalg.LinAlgError`` if the solver reports a failure.
+    """
+    syevr = _SYEVR.get(gram.dtype)
+    if syevr is None or not gram.flags.f_contiguous:
+        return scipy.linalg.eigh(
+            gram, eigvals_only=True, lower=True, driver="evr", check_finite=False, overwrite_a=True
+        )
+    n = gram.shape[0]
+    scalar = _SCALAR[gram.dtype]
+    values = np.empty(n, dtype=gram.dtype)
+    dummy = np.empty(1, dtype=gram.dtype)
+    support = np.empty(max(2 * n, 1), dtype=np.int32)
+    work_size, iwork_size = np.empty(1, dtype=gram.dtype), np.empty(1, dtype=np.int32)
+    found, info = ctypes.c_int(0), ctypes.c_int(0)
+
+    def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
+        syevr(
+            _CHAR(b"N"),
+            _CHAR(b"A"),
+            _CHAR(b"L"),
+            _ref(n, _INT),
+            _data(gram),
+            _ref(max(n, 1), _INT),
+            _ref(0.0, scalar),
+            _ref(0.0, scalar),
+            _ref(1, _INT),
+            _ref(n, _INT),
+            _ref(0.0, scalar),
+            ctypes.cast(ctypes.pointer(found), ctypes.c_void_p),
+            _data(values),
+            _data(dummy),
+            _ref(1, _INT),
+            _data(support),
+            _data(work),
+            _ref(lwork, _INT),
+            _data(iwork),
+            _ref(liwork, _INT),
+            ctypes.cast(ctypes.pointer(info), ctypes.c_void_p),
+        )
+
+    call(work_size, -1, iwork_size, -1)  # workspace query
+    lwork, liwork = int(work_size[0]), int(iwork_size[0])
+    call(np.empty(lwork, dtype=gram.dtype), lwork, np.empty(liwork, dtype=np.int32), liwork)
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"syevr failed (info={info.value})")
+    return values[: found.value]
+
+
+def sum_of_squares_f32(values: np.ndarray) -> float | None:
+    """Σ x² of a contiguous float32 array, accumulated in float64 (BLAS dsdot, GIL released).
+
+    Returns None when dsdot is not available, so that the caller uses its own sum.
+    """
+    flat = values.reshape(-1)
+    if _DSDOT is None or not flat.flags.c_contiguous:
+        return None
+    one = _ref(1, _INT)
+    return float(_DSDOT(_ref(flat.size, _INT), _data(flat), one, _data(flat), one))
