@@ -197,12 +197,14 @@ def _grow_sketch(
     None once the sketch would exceed ``limit`` columns.
     """
     basis = np.empty((matrix.shape[0], 0), dtype=matrix.dtype)
+    # One product with G is a pass of ΔWᵀΔW, two of ΔW: half the iterations see as far.
+    power_iters = math.ceil(settings.power_iters / 2) if gram else settings.power_iters
     k, sketched = FIRST_K, 0
     while k + settings.oversample <= limit:
         width = k + settings.oversample - sketched
         sketched += width
         basis = extend_range(
-            matrix, basis, width, settings.power_iters, settings.normalizer, rng, symmetric=gram
+            matrix, basis, width, power_iters, settings.normalizer, rng, symmetric=gram
         )
         values = _as_float64(projected_values(matrix, basis, symmetric=gram)[:k])
         sigma = np.sqrt(values) if gram else values

@@ -92,6 +92,33 @@ def test_randomized_really_sketches_on_decaying_spectra():
     assert spectrum.k < 80
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["power-1", "power-2", "exponential", "rank-7-plus-noise"])
+def test_auto_truncates_on_the_gram_matrix_when_the_spectrum_decays(kind, shape, dtype):
+    matrix = _matrix(kind, shape, dtype)
+    sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+
+    spectrum = decompose(matrix, EngineSettings(engine="auto"), np.random.default_rng(0))
+
+    assert (spectrum.engine, spectrum.complete) == ("gram", False)
+    assert spectrum.k < 0.2 * min(shape)
+    # √λ̂ of QᵀG: never above σ beyond the Gram route's absolute error ε·σ₁² on σ².
+    excess = spectrum.values**2 - sigma[: spectrum.k] ** 2
+    assert np.all(excess <= VALUE_TOLERANCE[dtype] * sigma[0] ** 2)
+    np.testing.assert_allclose(spectrum.values[:5], sigma[:5], rtol=1e-3)
+
+
+def test_slow_decay_goes_to_the_complete_gram_eigensolver():
+    spectrum = decompose(
+        _matrix("power-0.5", (600, 400), np.float32),
+        EngineSettings(engine="auto"),
+        np.random.default_rng(0),
+    )
+
+    assert (spectrum.engine, spectrum.complete, spectrum.k) == ("gram", True, 400)
+
+
 def test_flat_spectrum_hands_over_to_gram():
     matrix = np.random.default_rng(0).standard_normal((600, 400)).astype(np.float32)
 
