@@ -78,14 +78,16 @@ def decompose(
     rng: np.random.Generator,
     name: str = "ΔW",
     total: float | None = None,
+    expect_slow: bool = False,
 ) -> Spectrum:
     """The spectrum of one layer's update, by the engine the settings ask for.
 
-    ``auto`` sends small layers (min(m, n) ≤ EXACT_BELOW) to ``exact``; for the
-    rest it forms the smaller Gram matrix once and sketches it (see
-    :func:`_gram_first`): the top of the spectrum when it decays fast enough,
-    the complete eigensolver on the same matrix when it does not. Truncated
-    engines stop as soon as their values hold ``max_energy`` of ‖ΔW‖_F².
+    ``auto`` sends small layers (min(m, n) ≤ EXACT_BELOW) to ``exact`` and the
+    rest to adaptive ``randomized``, whose first sketch doubles as a decay
+    probe: when the spectrum is too flat for a sketch to pay off, the layer goes
+    to ``gram``. With ``expect_slow`` it probes the Gram matrix instead.
+    Truncated engines stop as soon as their values hold ``max_energy`` of
+    ‖ΔW‖_F².
 
     Parameters
     ----------
@@ -99,6 +101,12 @@ def decompose(
         ‖ΔW‖_F² when the caller already has it (a float64 sum of squares of
         finite entries, as the analysis forms it with ΔW); computed and checked
         here otherwise.
+    expect_slow : bool
+        A hint for ``auto``: a similar layer (same kind and shape) just needed
+        its complete spectrum, so this one probably will too. The Gram matrix
+        is then formed first and probed (see :func:`_gram_first`) instead of
+        sketching ΔW: a cheaper probe when the hint is right, one SYRK too many
+        when it is wrong. The values are equally correct either way.
 
     Returns
     -------
@@ -120,9 +128,9 @@ def decompose(
         return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
     if engine == "lanczos":
         return _adaptive_lanczos(delta, total, settings, rng)
-    if engine == "randomized":
-        return _adaptive_randomized(delta, total, settings, rng)
-    return _gram_first(delta, total, settings, rng)
+    if engine == "auto" and expect_slow:
+        return _gram_first(delta, total, settings, rng)
+    return _adaptive_randomized(delta, total, settings, rng)
 
 
 def _as_float64(values: np.ndarray) -> np.ndarray:
@@ -161,7 +169,7 @@ def _adaptive_randomized(
 def _gram_first(
     delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
 ) -> Spectrum:
-    """auto for large layers: form the smaller Gram matrix G once, then decide on it.
+    """auto for a layer expected to decay slowly: form the Gram matrix G once, then decide.
 
     The sketch runs on G (n×n) instead of ΔW (m×n): each product costs 2n²w
     flops instead of 4mnw, and one pass of G is one pass of ΔWᵀΔW, so the same

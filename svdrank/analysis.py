@@ -248,36 +248,61 @@ def _analyze_layers(
 
     At most ``workers`` updates are being decomposed and one more is being
     formed, so memory holds ``workers + 1`` layers' ΔW at the most.
+
+    Layers of the same kind and shape tend to decay alike (all q_proj of a
+    model, say): once one of them needed its complete spectrum, the next is
+    decomposed with ``expect_slow`` (see :func:`svdrank.adaptive.decompose`).
+    The hint comes from results already returned, in order, so it does not
+    depend on timing.
     """
     report = _reporter(layers, progress)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
     pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdrank-svd")
     in_flight: deque[tuple[Layer, Future[LayerResult]]] = deque()
+    slow: dict[tuple[str, tuple[int, int]], bool] = {}
+
+    def finish() -> LayerResult:
+        result = _finish(*in_flight.popleft(), report)
+        slow[(result.kind, result.shape)] = needed_complete(result.spectrum)
+        return result
+
     try:
         next_read = reader.submit(form_delta, layers[0])
         for index, layer in enumerate(layers):
             formed = next_read.result()
             if len(in_flight) == settings.workers:
-                yield _finish(*in_flight.popleft(), report)
-            task = pool.submit(_analyze_layer, layer, formed, index, settings)
+                yield finish()
+            hint = slow.get((layer.kind, layer.shape), False)
+            task = pool.submit(_analyze_layer, layer, formed, index, settings, hint)
             in_flight.append((layer, task))
             del formed
             if index + 1 < len(layers):
                 next_read = reader.submit(form_delta, layers[index + 1])
         while in_flight:
-            yield _finish(*in_flight.popleft(), report)
+            yield finish()
     finally:
         reader.shutdown(wait=False, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def needed_complete(spectrum: Spectrum) -> bool:
+    """Whether a layer's spectrum decayed too slowly for a sketch (it went to Gram whole)."""
+    return spectrum.engine == "gram" and spectrum.complete
+
+
 def _analyze_layer(
-    layer: Layer, formed: FormedDelta, index: int, settings: AnalysisSettings
+    layer: Layer,
+    formed: FormedDelta,
+    index: int,
+    settings: AnalysisSettings,
+    expect_slow: bool = False,
 ) -> LayerResult:
     """Decompose one layer's update (runs in a worker thread)."""
     started = time.perf_counter()
     rng = np.random.default_rng([settings.seed, index])
-    spectrum = decompose(formed.delta, settings.engine, rng, layer.name, formed.total_energy)
+    spectrum = decompose(
+        formed.delta, settings.engine, rng, layer.name, formed.total_energy, expect_slow
+    )
     return LayerResult(
         module=layer.module,
         name=layer.name,

@@ -27,9 +27,12 @@ def _matrix(kind, shape, dtype):
     return planted(shape, spectrum_of(kind, min(shape)), dtype, seed=hash(kind) % 1000)
 
 
-def _ranks(matrix, engine, **settings):
+def _ranks(matrix, engine, expect_slow=False, **settings):
     spectrum = decompose(
-        matrix, EngineSettings(engine=engine, **settings), np.random.default_rng(0)
+        matrix,
+        EngineSettings(engine=engine, **settings),
+        np.random.default_rng(0),
+        expect_slow=expect_slow,
     )
     return [rank_at(spectrum, target) for target in TARGETS], spectrum
 
@@ -47,7 +50,7 @@ def test_complete_engines_give_the_reference_ranks(kind, shape, dtype, engine):
     assert spectrum.complete and spectrum.engine == engine
 
 
-@pytest.mark.parametrize("engine", ["randomized", "krylov", "lanczos", "auto"])
+@pytest.mark.parametrize("engine", ["randomized", "krylov", "lanczos", "auto", "auto-gram-first"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", SPECTRA)
@@ -56,7 +59,10 @@ def test_truncated_engines_are_never_below_and_at_most_one_percent_above(
 ):
     matrix = _matrix(kind, shape, dtype)
     slack = max(1, int(0.01 * min(shape)))
-    options = {"engine": "randomized", "krylov": True} if engine == "krylov" else {"engine": engine}
+    options = {
+        "krylov": {"engine": "randomized", "krylov": True},
+        "auto-gram-first": {"engine": "auto", "expect_slow": True},
+    }.get(engine, {"engine": engine})
 
     ranks, _ = _ranks(matrix, **options)
 
@@ -95,11 +101,13 @@ def test_randomized_really_sketches_on_decaying_spectra():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["power-1", "power-2", "exponential", "rank-7-plus-noise"])
-def test_auto_truncates_on_the_gram_matrix_when_the_spectrum_decays(kind, shape, dtype):
+def test_auto_expecting_slow_decay_still_truncates_on_the_gram_matrix(kind, shape, dtype):
     matrix = _matrix(kind, shape, dtype)
     sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
 
-    spectrum = decompose(matrix, EngineSettings(engine="auto"), np.random.default_rng(0))
+    spectrum = decompose(
+        matrix, EngineSettings(engine="auto"), np.random.default_rng(0), expect_slow=True
+    )
 
     assert (spectrum.engine, spectrum.complete) == ("gram", False)
     assert spectrum.k < 0.2 * min(shape)
@@ -109,14 +117,32 @@ def test_auto_truncates_on_the_gram_matrix_when_the_spectrum_decays(kind, shape,
     np.testing.assert_allclose(spectrum.values[:5], sigma[:5], rtol=1e-3)
 
 
-def test_slow_decay_goes_to_the_complete_gram_eigensolver():
+@pytest.mark.parametrize("expect_slow", [False, True])
+def test_slow_decay_goes_to_the_complete_gram_eigensolver(expect_slow):
+    matrix = _matrix("power-0.5", (600, 400), np.float32)
+    sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+
     spectrum = decompose(
-        _matrix("power-0.5", (600, 400), np.float32),
-        EngineSettings(engine="auto"),
-        np.random.default_rng(0),
+        matrix, EngineSettings(engine="auto"), np.random.default_rng(0), expect_slow=expect_slow
     )
 
     assert (spectrum.engine, spectrum.complete, spectrum.k) == ("gram", True, 400)
+    np.testing.assert_allclose(spectrum.values**2, sigma**2, atol=2e-5 * sigma[0] ** 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["power-1", "power-2", "exponential", "rank-7-plus-noise"])
+def test_auto_sketches_when_the_spectrum_decays(kind, shape, dtype):
+    matrix = _matrix(kind, shape, dtype)
+    sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+
+    spectrum = decompose(matrix, EngineSettings(engine="auto"), np.random.default_rng(0))
+
+    assert (spectrum.engine, spectrum.complete) == ("randomized", False)
+    assert spectrum.k < 0.2 * min(shape)
+    assert np.all(spectrum.values <= sigma[: spectrum.k] + VALUE_TOLERANCE[dtype] * sigma[0])
+    np.testing.assert_allclose(spectrum.values[:5], sigma[:5], rtol=1e-3)
 
 
 def test_flat_spectrum_hands_over_to_gram():
