@@ -252,34 +252,31 @@ def _analyze_layers(
     Layers of the same kind and shape tend to decay alike (all q_proj of a
     model, say): once one of them needed its complete spectrum, the next is
     decomposed with ``expect_slow`` (see :func:`svdrank.adaptive.decompose`).
-    The hint comes from results already returned, in order, so it does not
-    depend on timing.
+    The hint is always the outcome of the last earlier layer of the same kind
+    and shape (waited for if still running), so results do not depend on
+    ``workers`` or timing.
     """
     report = _reporter(layers, progress)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
     pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="svdrank-svd")
     in_flight: deque[tuple[Layer, Future[LayerResult]]] = deque()
-    slow: dict[tuple[str, tuple[int, int]], bool] = {}
-
-    def finish() -> LayerResult:
-        result = _finish(*in_flight.popleft(), report)
-        slow[(result.kind, result.shape)] = needed_complete(result.spectrum)
-        return result
-
+    last_alike: dict[tuple[str, tuple[int, int]], Future[LayerResult]] = {}
     try:
         next_read = reader.submit(form_delta, layers[0])
         for index, layer in enumerate(layers):
             formed = next_read.result()
             if len(in_flight) == settings.workers:
-                yield finish()
-            hint = slow.get((layer.kind, layer.shape), False)
+                yield _finish(*in_flight.popleft(), report)
+            alike = last_alike.get((layer.kind, layer.shape))
+            hint = alike is not None and needed_complete(alike.result().spectrum)
             task = pool.submit(_analyze_layer, layer, formed, index, settings, hint)
+            last_alike[(layer.kind, layer.shape)] = task
             in_flight.append((layer, task))
             del formed
             if index + 1 < len(layers):
                 next_read = reader.submit(form_delta, layers[index + 1])
         while in_flight:
-            yield finish()
+            yield _finish(*in_flight.popleft(), report)
     finally:
         reader.shutdown(wait=False, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)

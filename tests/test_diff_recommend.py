@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from svdrank.analysis import ANALYSIS_SCHEMA
+from svdrank.energy import rank_at
+from svdrank.engines import Spectrum
 from tests.conftest import SAMPLES, assert_one_line_error, write_checkpoint
 
 BASE = SAMPLES / "base.safetensors"
@@ -354,3 +356,49 @@ def test_workers_give_the_same_analysis_as_one(tmp_path, run_cli):
     for one, many in zip(records[0]["layers"], records[1]["layers"], strict=True):
         assert one["module"] == many["module"]
         assert one["singular_values"] == many["singular_values"]
+
+
+def test_auto_probes_alike_layers_through_the_gram_matrix_any_workers(tmp_path, run_cli):
+    """A kind that needed its whole spectrum is probed on G next time; same numbers."""
+    from tests.spectra import planted, reference_ranks
+
+    slow = np.arange(1, 401, dtype=np.float64) ** -0.5
+    fast = np.arange(1, 401, dtype=np.float64) ** -1.5
+    tuned = {}
+    for block in range(3):
+        tuned[f"layers.{block}.a_proj.weight"] = planted((600, 400), slow, np.float32, block)
+        tuned[f"layers.{block}.b_proj.weight"] = planted((600, 400), fast, np.float32, block)
+        changing = slow if block == 0 else fast
+        tuned[f"layers.{block}.c_proj.weight"] = planted((600, 400), changing, np.float32, block)
+    base = {name: np.zeros_like(value) for name, value in tuned.items()}
+    pair = (
+        write_checkpoint(tmp_path / "b.safetensors", base),
+        write_checkpoint(tmp_path / "t.safetensors", tuned),
+    )
+    records = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"a{workers}.json"
+        run_cli("diff", *pair, "-o", out, "--workers", workers)
+        records.append(json.loads(out.read_text()))
+
+    routes = {
+        layer["module"]: (layer["engine"], layer["complete"]) for layer in records[0]["layers"]
+    }
+    assert {routes[f"layers.{b}.a_proj"] for b in range(3)} == {("gram", True)}
+    assert {routes[f"layers.{b}.b_proj"] for b in range(3)} == {("randomized", False)}
+    # c_proj decays slowly in block 0 only: block 1 is probed on G (and truncated there),
+    # block 2 follows block 1's outcome and sketches ΔW again.
+    assert [routes[f"layers.{b}.c_proj"] for b in range(3)] == [
+        ("gram", True),
+        ("gram", False),
+        ("randomized", False),
+    ]
+    for one, two in zip(records[0]["layers"], records[1]["layers"], strict=True):
+        assert one["singular_values"] == two["singular_values"]
+        matrix = tuned[one["name"]]
+        spectrum = Spectrum(
+            np.array(one["singular_values"]), one["total_energy"], one["complete"], one["engine"]
+        )
+        ranks = [rank_at(spectrum, target) for target in (0.85, 0.90, 0.95)]
+        for rank, reference in zip(ranks, reference_ranks(matrix), strict=True):
+            assert reference <= rank <= reference + 4  # truncated: never below, ≤ 1 % above
