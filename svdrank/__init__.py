@@ -7,7 +7,8 @@
 
 __version__ = "0.1.0"
 
-from svdrank.analysis import Analysis, analyze, load_analysis, save_analysis
+from svdrank.analysis import Analysis, analyze
+from svdrank.analysis_file import load_analysis, save_analysis
 from svdrank.policy import RankPlan, recommend
 
 __all__ = [

@@ -1,16 +1,14 @@
-"""Run the pipeline over every layer and keep the result as a versioned analysis file.
+"""Run the pipeline over every layer: read, form ΔW, decompose, keep the results.
 
 ``analyze`` streams layer by layer: ΔW of the next layer is formed (from the
 memory-mapped tensors, in one pass) while the current one is decomposed, so
 reading overlaps computing and at most two layers' updates are in memory.
+The result is saved and loaded by :mod:`svdrank.analysis_file`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -27,11 +25,8 @@ from svdrank.adaptive import EngineSettings, decompose
 from svdrank.checkpoint import Checkpoint, header_sha256, open_checkpoint, read_tensor_view
 from svdrank.energy import METRICS
 from svdrank.engines import Spectrum, require_finite, sum_of_squares
-from svdrank.errors import AnalysisFileError, UsageError
+from svdrank.errors import UsageError
 from svdrank.pairing import Layer, Skipped, pair_checkpoints
-
-ANALYSIS_SCHEMA = "svdrank.analysis/1"
-DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
 
 
 @dataclass(frozen=True)
@@ -340,184 +335,3 @@ def _finish(
     result = task.result()
     report(layer, result)
     return result
-
-
-def check_writable(path: Path) -> None:
-    """Fail before the long work when the output could not be written.
-
-    Raises
-    ------
-    UsageError
-        If the folder does not exist, is not writable, or the path is a folder.
-    """
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory; give a file name for the output")
-    if not folder.is_dir():
-        raise UsageError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{path}: folder {folder} is not writable")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file through a temporary file and a rename: readers never see half of it."""
-    check_writable(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it; put it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def analysis_record(analysis: Analysis) -> dict[str, Any]:
-    """The analysis as the JSON object of schema ``svdrank.analysis/1``."""
-    settings = analysis.settings
-    return {
-        "schema": ANALYSIS_SCHEMA,
-        "svdrank_version": analysis.version,
-        "created": analysis.created,
-        "inputs": analysis.inputs,
-        "settings": {
-            "engine": settings.engine.engine,
-            "metric": settings.metric,
-            "max_energy": settings.engine.max_energy,
-            "oversample": settings.engine.oversample,
-            "power_iters": settings.engine.power_iters,
-            "normalizer": settings.engine.normalizer,
-            "krylov": settings.engine.krylov,
-            "seed": settings.seed,
-            "include": list(settings.include),
-            "exclude": list(settings.exclude),
-            "include_conv": settings.include_conv,
-        },
-        "layers": [_layer_record(layer) for layer in analysis.layers],
-        "skipped": [
-            {"name": item.name, "reason": item.reason, "detail": item.detail}
-            for item in analysis.skipped
-        ],
-    }
-
-
-def _layer_record(layer: LayerResult) -> dict[str, Any]:
-    """One layer of the analysis file."""
-    return {
-        "module": layer.module,
-        "name": layer.name,
-        "kind": layer.kind,
-        "block": layer.block,
-        "role": layer.role,
-        "shape": list(layer.shape),
-        "dtype": layer.dtype,
-        "delta_norm": layer.delta_norm,
-        "base_norm": layer.base_norm,
-        "total_energy": layer.spectrum.total_energy,
-        "singular_values": layer.spectrum.values.tolist(),
-        "complete": layer.spectrum.complete,
-        "engine": layer.spectrum.engine,
-        "seconds": round(layer.seconds, 4),
-    }
-
-
-def save_analysis(analysis: Analysis, path: str | Path = DEFAULT_ANALYSIS) -> Path:
-    """Write the analysis file atomically (temporary file, then rename)."""
-    path = Path(path)
-    write_atomically(path, json.dumps(analysis_record(analysis), separators=(",", ":")) + "\n")
-    return path
-
-
-def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
-    """Read an analysis file written by ``svdrank diff``.
-
-    Raises
-    ------
-    AnalysisFileError
-        If the file is missing, not JSON, of another schema, or incomplete.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AnalysisFileError(
-            f"{path}: no analysis file here; run `svdrank diff BASE TUNED` first"
-        )
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnalysisFileError(f"{path}: not a readable analysis file ({exc})") from exc
-    schema = record.get("schema") if isinstance(record, dict) else None
-    if schema != ANALYSIS_SCHEMA:
-        raise AnalysisFileError(
-            f"{path}: schema {schema!r} is not {ANALYSIS_SCHEMA!r}; re-run `svdrank diff` "
-            "with this version of svdrank"
-        )
-    try:
-        return _analysis_from_record(record)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AnalysisFileError(f"{path}: corrupt analysis file (bad or missing {exc})") from exc
-
-
-def _analysis_from_record(record: dict[str, Any]) -> Analysis:
-    """Rebuild the dataclasses from a validated-schema record."""
-    stored = record["settings"]
-    settings = AnalysisSettings(
-        engine=EngineSettings(
-            engine=stored["engine"],
-            max_energy=float(stored["max_energy"]),
-            oversample=int(stored["oversample"]),
-            power_iters=int(stored["power_iters"]),
-            normalizer=stored["normalizer"],
-            krylov=bool(stored.get("krylov", False)),
-        ),
-        metric=stored["metric"],
-        seed=int(stored["seed"]),
-        include=tuple(stored["include"]),
-        exclude=tuple(stored["exclude"]),
-        include_conv=bool(stored["include_conv"]),
-    )
-    layers = tuple(_layer_from_record(layer) for layer in record["layers"])
-    skipped = tuple(
-        Skipped(item["name"], item["reason"], item.get("detail", "")) for item in record["skipped"]
-    )
-    return Analysis(
-        inputs=record["inputs"],
-        settings=settings,
-        layers=layers,
-        skipped=skipped,
-        created=record.get("created", ""),
-        version=record.get("svdrank_version", ""),
-    )
-
-
-def _layer_from_record(layer: dict[str, Any]) -> LayerResult:
-    """One LayerResult from its record."""
-    spectrum = Spectrum(
-        values=np.asarray(layer["singular_values"], dtype=np.float64),
-        total_energy=float(layer["total_energy"]),
-        complete=bool(layer["complete"]),
-        engine=str(layer["engine"]),
-    )
-    m, n = (int(dim) for dim in layer["shape"])
-    return LayerResult(
-        module=str(layer["module"]),
-        name=str(layer["name"]),
-        kind=str(layer["kind"]),
-        block=None if layer["block"] is None else int(layer["block"]),
-        role=str(layer["role"]),
-        shape=(m, n),
-        dtype=str(layer["dtype"]),
-        delta_norm=float(layer["delta_norm"]),
-        base_norm=None if layer["base_norm"] is None else float(layer["base_norm"]),
-        spectrum=spectrum,
-        seconds=float(layer.get("seconds", 0.0)),
-    )

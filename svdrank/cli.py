@@ -13,18 +13,12 @@ from typer.core import TyperGroup
 
 from svdrank import __version__, formats, render
 from svdrank.adapter import analyze_adapter, is_adapter
-from svdrank.analysis import (
-    DEFAULT_ANALYSIS,
-    analysis_record,
-    analyze,
-    check_writable,
-    load_analysis,
-    save_analysis,
-    write_atomically,
-)
+from svdrank.analysis import analyze
+from svdrank.analysis_file import DEFAULT_ANALYSIS, analysis_record, load_analysis, save_analysis
 from svdrank.checkpoint import open_checkpoint
 from svdrank.checks import check_allocation, read_allocation, report_record, report_text
 from svdrank.errors import SvdrankError, UsageError
+from svdrank.files import check_writable, write_atomically
 from svdrank.policy import DEFAULT_PRESET, PRESETS, RankPlan, parse_count
 from svdrank.policy import recommend as recommend_ranks
 

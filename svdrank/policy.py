@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from svdrank.analysis import Analysis, LayerResult, load_analysis
+from svdrank.analysis import Analysis, LayerResult
+from svdrank.analysis_file import load_analysis
 from svdrank.energy import (
     check_target,
     rank_at,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svdrank.analysis import ANALYSIS_SCHEMA
+from svdrank.analysis_file import ANALYSIS_SCHEMA
 from svdrank.energy import rank_at
 from svdrank.engines import Spectrum
 from tests.conftest import SAMPLES, assert_one_line_error, write_checkpoint
