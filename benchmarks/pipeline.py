@@ -1,9 +1,11 @@
-"""`svdrank diff` end to end against the compute floor, on a generated Llama-shaped pair.
+"""`svdrank diff` end to end against the compute floor, on generated Llama-shaped pairs.
 
-The pair has TinyLlama's block shapes (hidden 2048, MLP 5632, grouped-query
-k/v of 256x2048), 4 blocks, BF16, and no embeddings (so the largest layer is
-an MLP matrix, which makes the memory bound strict). ΔW = G·diag(i^-α) for a
-Gaussian G, so σᵢ decays roughly like i^-α; three regimes:
+Two models, BF16, no embeddings (so the largest layer is an MLP matrix, which
+makes the memory bound strict): the issue's pair, 4 blocks of TinyLlama's
+shapes (hidden 2048, MLP 5632, grouped-query k/v of 256x2048), and one block
+of Llama-2-7B's (hidden 4096, MLP 11008), to see how the time per block
+scales. ΔW = G·diag(i^-α) for a Gaussian G, so σᵢ decays roughly like i^-α;
+three regimes:
 
 - ``slow``: α = 0.5 in every layer, as in full fine-tunes (long-tailed
   spectra: 95 % energy needs most of the rank), the worst case;
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,23 @@ from svdrank.checkpoint import open_checkpoint, read_tensor_view
 from svdrank.pairing import pair_checkpoints
 
 REPEATS = 3
-BLOCKS = 4
-HIDDEN, MLP, KV = 2048, 5632, 256
+
+
+@dataclass(frozen=True)
+class Model:
+    """The shapes of a generated Llama-like checkpoint."""
+
+    name: str
+    blocks: int
+    hidden: int
+    mlp: int
+    kv: int
+
+
+MODELS = (
+    Model("TinyLlama x 4 blocks", 4, 2048, 5632, 256),
+    Model("Llama-2-7B x 1 block", 1, 4096, 11008, 4096),
+)
 REGIMES = {
     "slow": {"attention": 0.5, "mlp": 0.5},
     "mixed": {"attention": 1.0, "mlp": 0.5},
@@ -50,26 +68,29 @@ REGIMES = {
 }
 
 
-def layer_shapes() -> dict[str, tuple[int, int]]:
+def layer_shapes(model: Model) -> dict[str, tuple[int, int]]:
     """Every weight matrix of the model with its (out, in) shape."""
+    hidden, mlp_width, kv = model.hidden, model.mlp, model.kv
     shapes = {}
-    for block in range(BLOCKS):
+    for block in range(model.blocks):
         attn, mlp = f"model.layers.{block}.self_attn", f"model.layers.{block}.mlp"
         shapes |= {
-            f"{attn}.q_proj.weight": (HIDDEN, HIDDEN),
-            f"{attn}.k_proj.weight": (KV, HIDDEN),
-            f"{attn}.v_proj.weight": (KV, HIDDEN),
-            f"{attn}.o_proj.weight": (HIDDEN, HIDDEN),
-            f"{mlp}.gate_proj.weight": (MLP, HIDDEN),
-            f"{mlp}.up_proj.weight": (MLP, HIDDEN),
-            f"{mlp}.down_proj.weight": (HIDDEN, MLP),
+            f"{attn}.q_proj.weight": (hidden, hidden),
+            f"{attn}.k_proj.weight": (kv, hidden),
+            f"{attn}.v_proj.weight": (kv, hidden),
+            f"{attn}.o_proj.weight": (hidden, hidden),
+            f"{mlp}.gate_proj.weight": (mlp_width, hidden),
+            f"{mlp}.up_proj.weight": (mlp_width, hidden),
+            f"{mlp}.down_proj.weight": (hidden, mlp_width),
         }
     return shapes
 
 
-def write_pair(directory: Path, regime: dict[str, float], seed: int) -> tuple[Path, Path]:
-    """Write the BF16 pair of one regime."""
-    shapes = layer_shapes()
+def write_pair(
+    directory: Path, model: Model, regime: dict[str, float], seed: int
+) -> tuple[Path, Path]:
+    """Write the BF16 pair of one model and regime."""
+    shapes = layer_shapes(model)
     alphas = {name: regime["mlp" if ".mlp." in name else "attention"] for name in shapes}
     return write_decaying_pair(directory, shapes, alphas, relative_change=0.1, seed=seed)
 
@@ -160,11 +181,11 @@ def engine_breakdown(analysis: Path) -> dict[str, dict[str, float]]:
     return totals
 
 
-def run_regime(name: str, regime: dict[str, float], scratch: Path) -> dict:
-    """Measure one regime: floor, diff wall time, RSS, where the time went."""
+def run_regime(model: Model, name: str, regime: dict[str, float], scratch: Path) -> dict:
+    """Measure one model and regime: floor, diff wall time, RSS, where the time went."""
     directory = scratch / name
     directory.mkdir()
-    base, tuned = write_pair(directory, regime, seed=len(name))
+    base, tuned = write_pair(directory, model, regime, seed=len(name))
     warm_page_cache(base, tuned)
     output = directory / "analysis.json"
     run_diff(base, tuned, output)  # learn which layers need their whole spectrum
@@ -177,8 +198,9 @@ def run_regime(name: str, regime: dict[str, float], scratch: Path) -> dict:
     floor_time, bound = statistics.median(floors), statistics.median(bounds)
     diff = statistics.median(seconds for seconds, _ in runs)
     peak = max(rss for _, rss in runs)
-    largest = max(m * n * 4 for m, n in layer_shapes().values())
+    largest = max(m * n * 4 for m, n in layer_shapes(model).values())
     result = {
+        "model": model.name,
         "regime": name,
         "alpha": regime,
         "bytes_per_checkpoint": base.stat().st_size,
@@ -207,6 +229,8 @@ def markdown(record: dict) -> str:
         )
         table.append(
             [
+                row["model"],
+                f"{row['bytes_per_checkpoint'] / 1e6:.0f} MB",
                 row["regime"],
                 f"{row['floor_seconds']:.2f} s",
                 f"{row['diff_seconds']:.2f} s",
@@ -221,8 +245,7 @@ def markdown(record: dict) -> str:
         )
     text = "# `svdrank diff` against the compute floor\n\n"
     text += f"Machine: {env['cores']} cores; numpy {env['numpy']}, scipy {env['scipy']}. "
-    text += f"{BLOCKS} TinyLlama-shaped blocks, BF16, "
-    text += f"{rows[0]['bytes_per_checkpoint'] / 1e6:.0f} MB per checkpoint; "
+    text += "Generated BF16 pairs (size per checkpoint below); "
     text += f"medians of {record['repeats']}; "
     text += "floor = read both files + form every ΔW + one ΔWᵀΔW per layer, same run.\n\n"
     text += (
@@ -234,6 +257,8 @@ def markdown(record: dict) -> str:
     )
     text += markdown_table(
         [
+            "model",
+            "checkpoint",
             "regime",
             "(b) floor",
             "(a) diff",
@@ -252,10 +277,11 @@ def markdown(record: dict) -> str:
 def main() -> None:
     """Run every regime and write results/pipeline.{json,md}."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="svdrank-bench-") as scratch:
+    for model in MODELS:
         for name, regime in REGIMES.items():
-            print(f"pipeline: {name} ...", flush=True)
-            rows.append(run_regime(name, regime, Path(scratch)))
+            print(f"pipeline: {model.name}, {name} ...", flush=True)
+            with tempfile.TemporaryDirectory(prefix="svdrank-bench-") as scratch:
+                rows.append(run_regime(model, name, regime, Path(scratch)))
     env = machine()
     write_results("pipeline", {"machine": env, "repeats": REPEATS, "regimes": rows}, markdown)
 
