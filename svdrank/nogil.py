@@ -10,13 +10,16 @@ releases the GIL. Numba reaches LAPACK the same way. These are the routines
 of SciPy's own OpenBLAS, so nothing else is loaded and results are those of
 the SciPy wrappers, which tests check.
 
-If the pointers cannot be had (a SciPy without them), every function falls
-back to the SciPy wrapper: slower to overlap, same numbers.
+Each pointer is used only if its capsule's C signature is exactly the one
+these calls are written for; if a SciPy lacks a routine or changes its
+signature, the function falls back to the SciPy wrapper: slower to overlap,
+same numbers.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -30,30 +33,47 @@ _SCALAR = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_
 _PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
 
 
-def _pointer(module, name: str) -> int | None:
-    """The address of a Cython-exported BLAS/LAPACK routine, or None."""
-    capsule = getattr(module, "__pyx_capi__", {}).get(name)
-    if capsule is None:
-        return None
+def _capsule_api():
+    """ctypes views of PyCapsule_GetName and PyCapsule_GetPointer."""
     api = ctypes.pythonapi
     api.PyCapsule_GetName.restype = ctypes.c_char_p
     api.PyCapsule_GetName.argtypes = [ctypes.py_object]
     api.PyCapsule_GetPointer.restype = ctypes.c_void_p
     api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    return api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    return api
 
 
-def _routine(module, name: str, arguments: int, restype=None) -> Callable | None:
-    """A ctypes function for a routine whose arguments are all pointers (Fortran style)."""
-    address = _pointer(module, name)
-    if address is None:
+def _signature(capsule_name: bytes) -> str:
+    """A capsule's C signature with Cython's scalar aliases shortened to s and d."""
+    return re.sub(r"__pyx_t_\w+?cython_(?:blas|lapack)_([sd])\b", r"\1", capsule_name.decode())
+
+
+def _routine(module, name: str, signature: str, restype=None) -> Callable | None:
+    """A ctypes function for an exported routine, if its C signature is the expected one.
+
+    ``signature`` uses ``X`` for the routine's own scalar type (s or d). Any
+    other signature (a future SciPy) gives None, and the caller falls back.
+    """
+    capsule = getattr(module, "__pyx_capi__", {}).get(name)
+    if capsule is None:
         return None
+    api = _capsule_api()
+    capsule_name = api.PyCapsule_GetName(capsule)
+    if _signature(capsule_name) != signature.replace("X", name[0]):
+        return None
+    address = api.PyCapsule_GetPointer(capsule, capsule_name)
+    arguments = signature.count("*")
     return ctypes.CFUNCTYPE(restype, *([_POINTER] * arguments))(address)
 
 
-_SYRK = {dtype: _routine(cython_blas, f"{p}syrk", 10) for dtype, p in _PREFIX.items()}
-_SYEVR = {dtype: _routine(cython_lapack, f"{p}syevr", 21) for dtype, p in _PREFIX.items()}
-_DSDOT = _routine(cython_blas, "dsdot", 5, restype=ctypes.c_double)
+_SYRK_SIGNATURE = "void (char *, char *, int *, int *, X *, X *, int *, X *, X *, int *)"
+_SYEVR_SIGNATURE = (
+    "void (char *, char *, char *, int *, X *, int *, X *, X *, int *, int *, X *, int *, "
+    "X *, X *, int *, int *, X *, int *, int *, int *, int *)"
+)
+_SYRK = {d: _routine(cython_blas, f"{p}syrk", _SYRK_SIGNATURE) for d, p in _PREFIX.items()}
+_SYEVR = {d: _routine(cython_lapack, f"{p}syevr", _SYEVR_SIGNATURE) for d, p in _PREFIX.items()}
+_DSDOT = _routine(cython_blas, "dsdot", "X (int *, s *, int *, s *, int *)", ctypes.c_double)
 
 
 def _ref(value, ctype) -> ctypes.c_void_p:

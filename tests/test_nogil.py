@@ -99,3 +99,14 @@ def test_the_calls_release_the_gil(call):
     inside = [window[0], *(tick for tick in ticks if window[0] < tick < window[1]), window[1]]
     longest_gap = max(np.diff(inside))
     assert longest_gap < 0.5 * (window[1] - window[0])
+
+
+def test_the_routines_are_found_with_the_expected_signatures():
+    assert all(nogil._SYRK.values()) and all(nogil._SYEVR.values()) and nogil._DSDOT
+
+
+def test_an_unexpected_signature_or_a_missing_routine_gives_the_fallback():
+    from scipy.linalg import cython_blas
+
+    assert nogil._routine(cython_blas, "ssyrk", "void (int *, X *)") is None
+    assert nogil._routine(cython_blas, "no_such_routine", "void ()") is None
