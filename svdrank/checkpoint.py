@@ -155,8 +155,36 @@ def read_tensor_view(info: TensorInfo) -> np.ndarray:
             )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{info.file}: cannot map tensor {info.name!r}: {exc}") from exc
-    raw = np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.start - aligned)
+    whole = np.frombuffer(mapped, dtype=np.uint8)  # its base is the mmap: see forget_pages
+    raw = whole[info.start - aligned : info.start - aligned + info.nbytes]
     return raw.view(DTYPES[info.dtype].numpy).reshape(info.shape)
+
+
+def forget_pages(view: np.ndarray) -> None:
+    """Drop the pages under a slice of a mapped tensor from this process's memory.
+
+    Touched pages of a mapping count in the resident size until it is unmapped;
+    once a chunk of a tensor has been consumed, ``MADV_DONTNEED`` returns its
+    pages (they stay in the page cache, and would be read back from the file if
+    touched again). Does nothing for arrays that are not mmap views, or where
+    the platform lacks ``madvise``.
+    """
+    whole = view
+    while isinstance(whole, np.ndarray) and _mapping(whole) is None:
+        whole = whole.base
+    if not isinstance(whole, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED") or not view.size:
+        return
+    offset = view.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
+    start = offset - offset % mmap.PAGESIZE
+    _mapping(whole).madvise(mmap.MADV_DONTNEED, start, offset + view.nbytes - start)
+
+
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap an array was made from by ``np.frombuffer`` (directly or via a memoryview)."""
+    base = array.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if isinstance(base, mmap.mmap) else None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svdrank.checkpoint import open_checkpoint
+from svdrank.checkpoint import forget_pages, open_checkpoint, read_tensor_view
 from tests.conftest import SAMPLES, assert_one_line_error, write_checkpoint
 
 FLOAT_DTYPES = {
@@ -128,6 +129,27 @@ def test_reading_one_small_tensor_maps_only_its_bytes(tmp_path):
     )
     assert path.stat().st_size > 400_000_000
     assert grown < 20_000_000
+
+
+def _resident_file_bytes() -> int:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("RssFile:")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_forget_pages_returns_a_consumed_chunk_and_the_data_stays_readable(tmp_path):
+    values = np.arange(32_000_000, dtype=np.float32).reshape(8000, 4000)  # 128 MB
+    path = write_checkpoint(tmp_path / "big.safetensors", {"w": values})
+    view = read_tensor_view(open_checkpoint(path).tensors["w"])
+
+    assert float(view[:4000].sum(dtype=np.float64)) == float(values[:4000].sum(dtype=np.float64))
+    touched = _resident_file_bytes()
+    forget_pages(view[:4000])
+    released = touched - _resident_file_bytes()
+
+    assert released > 60_000_000  # the 64 MB chunk left the resident set
+    np.testing.assert_array_equal(view[3999:4001], values[3999:4001])  # read back on demand
+    forget_pages(np.ones(3))  # not a mapped view: nothing to do
 
 
 def _valid_file(tmp_path):
