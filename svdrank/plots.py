@@ -8,10 +8,7 @@ them under deterministic names.
 
 from __future__ import annotations
 
-import base64
 import fnmatch
-import html
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,6 +27,7 @@ from svdrank.analysis import Analysis, LayerResult
 from svdrank.energy import energy_curve, retained_energy
 from svdrank.errors import UsageError
 from svdrank.policy import DEFAULT_PRESET, RankPlan, recommend
+from svdrank.report import summary_table_html, write_html_report
 
 FORMATS = ("png", "svg", "pdf")
 # Okabe & Ito's colour-blind-safe palette, for categorical series.
@@ -393,43 +391,6 @@ def write_figures(figures: Figures, directory: Path, image_format: str = "png") 
 def _metadata(image_format: str) -> dict:
     """Drop the creation dates that would make identical figures differ byte for byte."""
     return {"Date": None} if image_format in ("svg", "pdf") else {}
-
-
-def summary_table_html(plans: Sequence[RankPlan]) -> str:
-    """An HTML table of each plan's totals: parameters, share of full fine-tuning, energy."""
-    rows = "".join(
-        f"<tr><td>{html.escape(p.mode.label)}</td><td>{p.params:,}</td>"
-        f"<td>{p.params / p.full_params:.2%}</td><td>{p.energy:.2%}</td></tr>"
-        for p in plans
-        if p.full_params
-    )
-    return (
-        "<table><tr><th>plan</th><th>LoRA parameters</th><th>of full fine-tuning</th>"
-        f"<th>energy kept</th></tr>{rows}</table>"
-    )
-
-
-def write_html_report(figures: Figures, summary: str, path: Path) -> Path:
-    """One self-contained HTML file: the summary table and every figure as an inline PNG."""
-    sections = []
-    for stem, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-        sections.append(
-            f'<h2>{html.escape(stem)}</h2>\n<img alt="{html.escape(stem)}" '
-            f'src="data:image/png;base64,{encoded}">'
-        )
-    body = "\n".join(sections)
-    page = (
-        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>svdrank report</title>'
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
-        "img{max-width:100%}td,th{padding:2px 10px;text-align:right}</style></head><body>\n"
-        f"<h1>svdrank report</h1>\n{summary}\n{body}\n</body></html>\n"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
 
 
 def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
