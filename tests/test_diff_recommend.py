@@ -335,6 +335,20 @@ def test_quiet_prints_nothing_on_stderr(tmp_path, run_cli):
     assert result.exit_code == 0 and result.stderr == ""
 
 
+def _analyses_by_workers(tmp_path, run_cli, base, tuned, workers, *options) -> list[dict]:
+    """Write the pair, run `diff` once per --workers value, return each analysis record."""
+    pair = (
+        write_checkpoint(tmp_path / "b.safetensors", base),
+        write_checkpoint(tmp_path / "t.safetensors", tuned),
+    )
+    records = []
+    for count in workers:
+        out = tmp_path / f"a{count}.json"
+        run_cli("diff", *pair, "-o", out, "--workers", count, *options)
+        records.append(json.loads(out.read_text()))
+    return records
+
+
 def test_workers_give_the_same_analysis_as_one(tmp_path, run_cli):
     # Layers wide enough that the randomized sketch really runs (and is seeded per layer).
     from tests.spectra import planted
@@ -342,15 +356,10 @@ def test_workers_give_the_same_analysis_as_one(tmp_path, run_cli):
     sigma = np.arange(1, 401, dtype=np.float64) ** -1.0
     base = {f"layers.{i}.proj.weight": np.zeros((600, 400), np.float32) for i in range(5)}
     tuned = {name: planted((600, 400), sigma, np.float32, seed=i) for i, name in enumerate(base)}
-    pair = (
-        write_checkpoint(tmp_path / "b.safetensors", base),
-        write_checkpoint(tmp_path / "t.safetensors", tuned),
+
+    records = _analyses_by_workers(
+        tmp_path, run_cli, base, tuned, ("1", "3"), "--engine", "randomized"
     )
-    records = []
-    for workers in ("1", "3"):
-        out = tmp_path / f"a{workers}.json"
-        run_cli("diff", *pair, "-o", out, "--engine", "randomized", "--workers", workers)
-        records.append(json.loads(out.read_text()))
 
     assert {layer["engine"] for layer in records[0]["layers"]} == {"randomized"}
     for one, many in zip(records[0]["layers"], records[1]["layers"], strict=True):
@@ -371,15 +380,8 @@ def test_auto_probes_alike_layers_through_the_gram_matrix_any_workers(tmp_path, 
         changing = slow if block == 0 else fast
         tuned[f"layers.{block}.c_proj.weight"] = planted((600, 400), changing, np.float32, block)
     base = {name: np.zeros_like(value) for name, value in tuned.items()}
-    pair = (
-        write_checkpoint(tmp_path / "b.safetensors", base),
-        write_checkpoint(tmp_path / "t.safetensors", tuned),
-    )
-    records = []
-    for workers in ("1", "2"):
-        out = tmp_path / f"a{workers}.json"
-        run_cli("diff", *pair, "-o", out, "--workers", workers)
-        records.append(json.loads(out.read_text()))
+
+    records = _analyses_by_workers(tmp_path, run_cli, base, tuned, ("1", "2"))
 
     routes = {
         layer["module"]: (layer["engine"], layer["complete"]) for layer in records[0]["layers"]
