@@ -19,6 +19,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PRESET_TARGETS = (0.95, 0.90, 0.85)
 
 
+REPEATS = 3
+"""Every benchmark reports the median of this many runs (machines here are shared and noisy)."""
+
+
 def median_seconds(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median wall time of ``repeats`` calls and the last call's result."""
     times, result = [], None

@@ -14,6 +14,7 @@ import scipy.linalg
 from sklearn.utils.extmath import randomized_svd
 
 from benchmarks.common import (
+    REPEATS,
     machine,
     markdown_table,
     median_seconds,
@@ -25,7 +26,6 @@ from svdrank.adaptive import EngineSettings, decompose
 from svdrank.energy import rank_at
 from svdrank.engines import randomized_values, total_energy
 
-REPEATS = 3
 CASES = {
     "power-law 1024x1024": ((1024, 1024), "power"),
     "power-law 4096x4096": ((4096, 4096), "power"),

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.linalg
 
 from benchmarks.common import (
+    REPEATS,
     machine,
     markdown_table,
     median_seconds,
@@ -42,8 +43,6 @@ from benchmarks.common import (
 )
 from svdrank.checkpoint import open_checkpoint, read_tensor_view
 from svdrank.pairing import pair_checkpoints
-
-REPEATS = 3
 
 
 @dataclass(frozen=True)

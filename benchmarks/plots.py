@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
+    REPEATS,
     machine,
     markdown_table,
     median_seconds,
@@ -17,7 +18,6 @@ from benchmarks.common import (
 from svdrank.analysis import analyze
 from svdrank.plots import plot_analysis
 
-REPEATS = 3
 BLOCKS = 32
 HIDDEN, MLP = 128, 352
 SHAPES = {
