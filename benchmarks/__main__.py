@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import engines, pipeline, plots
+from benchmarks import eigensolvers, engines, pipeline, plots
 
-SUITES = {"engines": engines.main, "pipeline": pipeline.main, "plots": plots.main}
+SUITES = {
+    "engines": engines.main,
+    "eigensolvers": eigensolvers.main,
+    "pipeline": pipeline.main,
+    "plots": plots.main,
+}
 
 
 def main() -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks import engines, pipeline, plots
+from benchmarks import eigensolvers, engines, pipeline, plots
 from benchmarks.common import RESULTS
 
-RENDERERS = {"engines": engines.markdown, "pipeline": pipeline.markdown, "plots": plots.markdown}
+RENDERERS = {
+    "engines": engines.markdown,
+    "eigensolvers": eigensolvers.markdown,
+    "pipeline": pipeline.markdown,
+    "plots": plots.markdown,
+}
 
 
 def main() -> None:
