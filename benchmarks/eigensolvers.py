@@ -38,9 +38,9 @@ from benchmarks.common import (
     write_decaying_pair,
     write_results,
 )
-from benchmarks.pipeline import MODELS, Model
+from benchmarks.pipeline import MODELS, Model, layer_floor
 from svdrank import nogil
-from svdrank.checkpoint import open_checkpoint, read_tensor_view
+from svdrank.checkpoint import open_checkpoint
 from svdrank.pairing import pair_checkpoints
 
 SLOW_DECAY = 0.5
@@ -67,11 +67,7 @@ def block_shapes(model: Model) -> dict[str, tuple[int, int]]:
 def floor_and_gram(base: Path, tuned: Path) -> np.ndarray:
     """The pipeline floor for the one layer of the pair; returns its Gram matrix (lower)."""
     (layer,) = pair_checkpoints(open_checkpoint(base), open_checkpoint(tuned)).layers
-    delta = np.subtract(
-        read_tensor_view(layer.tuned), read_tensor_view(layer.base), dtype=np.float32
-    )
-    m, n = delta.shape
-    return scipy.linalg.blas.ssyrk(1.0, delta.T, trans=0 if m >= n else 1, lower=1)
+    return layer_floor(layer)
 
 
 def _openblas_lapacke(name: str) -> Callable | None:

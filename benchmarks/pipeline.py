@@ -42,7 +42,7 @@ from benchmarks.common import (
     write_results,
 )
 from svdrank.checkpoint import open_checkpoint, read_tensor_view
-from svdrank.pairing import pair_checkpoints
+from svdrank.pairing import Layer, pair_checkpoints
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,21 @@ def floor(base: Path, tuned: Path, whole: frozenset[str] = frozenset()) -> None:
     """
     pairing = pair_checkpoints(open_checkpoint(base), open_checkpoint(tuned))
     for layer in pairing.layers:
-        delta = np.subtract(
-            read_tensor_view(layer.tuned), read_tensor_view(layer.base), dtype=np.float32
-        )
-        m, n = delta.shape
-        gram = scipy.linalg.blas.ssyrk(1.0, delta.T, trans=0 if m >= n else 1, lower=1)
+        gram = layer_floor(layer)
         if layer.name in whole:
             scipy.linalg.eigh(gram, eigvals_only=True, lower=True, driver="evr", overwrite_a=True)
+
+
+def layer_floor(layer: Layer) -> np.ndarray:
+    """The floor's work on one layer: form ΔW in float32, then its smaller Gram matrix by SYRK.
+
+    Returns the Gram matrix (lower triangle set, Fortran order).
+    """
+    delta = np.subtract(
+        read_tensor_view(layer.tuned), read_tensor_view(layer.base), dtype=np.float32
+    )
+    m, n = delta.shape
+    return scipy.linalg.blas.ssyrk(1.0, delta.T, trans=0 if m >= n else 1, lower=1)
 
 
 def needing_whole_spectrum(analysis: Path) -> frozenset[str]:
