@@ -15,7 +15,7 @@ offers here on the same G:
 
 Per shape, 1 + (fastest eigensolve) / (floor) is the least (a)/(b) any exact
 method can reach on that layer here; per model, the same over one block's
-layers. ``svdrank diff`` uses syevr (``svdrank.nogil``).
+layers. ``svdrank diff`` uses syevr (``svdrank.spectra.nogil``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from benchmarks.common import (
 )
 from benchmarks.pipeline import MODELS, Model, layer_floor
 from svdrank import nogil
-from svdrank.checkpoint import open_checkpoint
-from svdrank.pairing import pair_checkpoints
+from svdrank.inputs.checkpoint import open_checkpoint
+from svdrank.inputs.pairing import pair_checkpoints
 
 SLOW_DECAY = 0.5
 COLUMN_MAJOR = 102  # LAPACK_COL_MAJOR

@@ -22,9 +22,9 @@ from benchmarks.common import (
     ranks_from,
     write_results,
 )
-from svdrank.adaptive import EngineSettings, decompose
-from svdrank.energy import rank_at
-from svdrank.engines import randomized_values, total_energy
+from svdrank.spectra.engines import EngineSettings, decompose
+from svdrank.spectra.energy import rank_at
+from svdrank.spectra.kernels import randomized_values, total_energy
 
 CASES = {
     "power-law 1024x1024": ((1024, 1024), "power"),

@@ -41,8 +41,8 @@ from benchmarks.common import (
     write_decaying_pair,
     write_results,
 )
-from svdrank.checkpoint import open_checkpoint, read_tensor_view
-from svdrank.pairing import Layer, pair_checkpoints
+from svdrank.inputs.checkpoint import open_checkpoint, read_tensor_view
+from svdrank.inputs.pairing import Layer, pair_checkpoints
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from benchmarks.common import (
     write_decaying_pair,
     write_results,
 )
-from svdrank.analysis import analyze
-from svdrank.plots import plot_analysis
+from svdrank.analysis.pipeline import analyze
+from svdrank.outputs.plots import plot_analysis
 
 BLOCKS = 32
 HIDDEN, MLP = 128, 352

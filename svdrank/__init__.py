@@ -3,20 +3,32 @@
 >>> from svdrank import analyze, recommend
 >>> analysis = analyze("base.safetensors", "tuned.safetensors")   # doctest: +SKIP
 >>> balanced = recommend(analysis, preset="balanced")[0]          # doctest: +SKIP
+
+The names below are imported on first use, so ``import svdrank`` stays light:
+reading an analysis and recommending ranks never load SciPy.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from svdrank.analysis import Analysis, analyze
-from svdrank.analysis_file import load_analysis, save_analysis
-from svdrank.policy import RankPlan, recommend
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "Analysis",
-    "RankPlan",
-    "__version__",
-    "analyze",
-    "load_analysis",
-    "recommend",
-    "save_analysis",
-]
+from svdrank._version import __version__
+
+_PUBLIC = {
+    "analyze": "svdrank.analysis.pipeline",
+    "load_analysis": "svdrank.analysis.file",
+    "save_analysis": "svdrank.analysis.file",
+    "recommend": "svdrank.ranks.rules",
+    "Analysis": "svdrank.types",
+    "RankPlan": "svdrank.types",
+}
+
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its stage on first use (PEP 562)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'svdrank' has no attribute {name!r}")
+    return getattr(import_module(_PUBLIC[name]), name)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from svdrank.analysis import Analysis, AnalysisSettings, LayerResult
-from svdrank.engines import Spectrum
+from svdrank.types import Analysis, AnalysisSettings, LayerResult, Spectrum
 
 TARGETS = (0.85, 0.90, 0.95)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from svdrank.adapter import analyze_adapter, lora_values
+from svdrank.analysis.adapter import analyze_adapter, lora_values
 from tests.conftest import SAMPLES, assert_one_line_error
 
 ADAPTER = SAMPLES / "adapter"
@@ -222,8 +222,8 @@ def test_check_peft_config_without_shapes_needs_an_analysis(tmp_path, run_cli, s
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        ("{ nope", "not a readable JSON"),
-        ("[1]", "not a JSON object"),
+        ("{ nope", "not a readable rank config"),
+        ("[1]", "the JSON is not an object"),
         ('{"a": 1}', "neither a svdrank rank config"),
     ],
 )

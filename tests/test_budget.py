@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svdrank.analysis import Analysis
 from svdrank.errors import UsageError
-from svdrank.policy import Constraints, parse_count, plan, plan_budget, preset_mode
+from svdrank.ranks.budget import parse_count, plan_budget
+from svdrank.ranks.rules import plan, preset_rule
+from svdrank.types import Analysis, Constraints
 from tests.conftest import SAMPLES, assert_one_line_error
 from tests.spectra import synthetic_analysis
 
@@ -90,7 +91,7 @@ def test_budget_equal_to_a_preset_cost_keeps_at_least_its_energy():
     values = [np.sort(rng.pareto(1.5, size=min(shape)))[::-1] + 1e-3 for shape in shapes]
     analysis = synthetic_analysis(values, shapes)
     for name in ("conservative", "balanced", "aggressive"):
-        preset = plan(analysis, preset_mode(name))
+        preset = plan(analysis, preset_rule(name))
 
         budgeted = plan_budget(analysis, preset.params)
 
@@ -147,7 +148,7 @@ def test_cli_budget_fits_and_beats_the_preset_of_the_same_cost(tmp_path, run_cli
     result = run_cli("recommend", out, "--budget", str(balanced["params"]), "--format", "json")
 
     record = json.loads(result.stdout)
-    assert record["mode"] == "budget" and record["budget"] == balanced["params"]
+    assert record["rule"] == "budget" and record["budget"] == balanced["params"]
     assert record["totals"]["params"] <= balanced["params"]
     assert record["totals"]["energy"] >= balanced["energy"]
 

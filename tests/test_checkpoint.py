@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svdrank.checkpoint import forget_pages, open_checkpoint, read_tensor_view
+from svdrank.inputs.checkpoint import forget_pages, open_checkpoint, read_tensor_view
 from tests.conftest import SAMPLES, assert_one_line_error, write_checkpoint
 
 FLOAT_DTYPES = {
@@ -114,7 +114,7 @@ def test_reading_one_small_tensor_maps_only_its_bytes(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource
-        from svdrank.checkpoint import open_checkpoint
+        from svdrank.inputs.checkpoint import open_checkpoint
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         value = open_checkpoint({str(path)!r}).read("small")
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

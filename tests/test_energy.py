@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from svdrank.adaptive import EngineSettings, decompose
-from svdrank.energy import (
+from svdrank.errors import UsageError
+from svdrank.spectra.energy import (
     effective_rank,
     energy_curve,
     rank_at,
@@ -21,8 +21,8 @@ from svdrank.energy import (
     stable_rank,
     sv_ratio,
 )
-from svdrank.engines import Spectrum
-from svdrank.errors import UsageError
+from svdrank.spectra.engines import decompose
+from svdrank.types import EngineSettings, Spectrum
 
 
 def _spectrum(values, complete=True, total=None):

@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from svdrank.adaptive import EngineSettings, decompose, next_k
-from svdrank.energy import rank_at
-from svdrank.engines import (
+from svdrank.errors import NumericalError, UsageError
+from svdrank.spectra.energy import rank_at
+from svdrank.spectra.engines import decompose, next_k
+from svdrank.spectra.kernels import (
     exact_values,
     gram_values,
     lanczos_values,
     randomized_values,
     total_energy,
 )
-from svdrank.errors import NumericalError, UsageError
+from svdrank.types import EngineSettings
 from tests.spectra import SPECTRA, TARGETS, planted, reference_ranks, spectrum_of
 
 SHAPES = ((600, 400), (400, 600))
@@ -278,7 +279,7 @@ def test_block_krylov_is_more_accurate_than_subspace_iteration_for_the_same_pass
 def test_sum_of_squares_in_chunks_equals_float64_reference(shape):
     import ml_dtypes
 
-    from svdrank.engines import sum_of_squares
+    from svdrank.spectra.kernels import sum_of_squares
 
     values = np.random.default_rng(0).standard_normal(shape)
     for dtype, tolerance in ((np.float64, 1e-12), (np.float32, 1e-7), (ml_dtypes.bfloat16, 1e-7)):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from svdrank import nogil
+from svdrank.spectra import nogil
 
 SHAPES = [(300, 200), (200, 300), (1, 5), (5, 1), (1, 1)]
 

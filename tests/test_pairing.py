@@ -6,9 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from svdrank.checkpoint import open_checkpoint
 from svdrank.errors import PairingError
-from svdrank.pairing import block_of, find_prefixes, pair_checkpoints
+from svdrank.inputs.checkpoint import open_checkpoint
+from svdrank.inputs.names import block_of
+from svdrank.inputs.pairing import find_prefixes, pair_checkpoints
 from tests.conftest import SAMPLES, write_checkpoint
 
 Q = "model.layers.1.self_attn.q_proj.weight"

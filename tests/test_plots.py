@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from svdrank.analysis import analyze
-from svdrank.plots import (
+from svdrank.analysis.pipeline import analyze
+from svdrank.outputs.plots import (
     budget_bars,
     energy_curves,
     make_figures,
@@ -17,7 +17,7 @@ from svdrank.plots import (
     singular_value_decay,
     write_figures,
 )
-from svdrank.policy import plan, preset_mode, recommend
+from svdrank.ranks.rules import plan, plan_set, preset_rule
 from tests.conftest import SAMPLES
 from tests.spectra import synthetic_analysis
 
@@ -46,7 +46,7 @@ def _marks(ax) -> np.ndarray:
 
 
 def test_energy_curves_one_curve_per_layer_and_marks_the_chosen_ranks(sample):
-    balanced = plan(sample, preset_mode("balanced"))
+    balanced = plan(sample, preset_rule("balanced"))
 
     figure = energy_curves(sample, balanced)
 
@@ -72,7 +72,7 @@ def test_heatmap_cells_equal_the_recommended_ranks(sample, run_cli, tmp_path):
     )
     recommended = json.loads(run_cli("recommend", analysis_file, "--preset", "aggressive").stdout)
 
-    figure = rank_heatmap(plan(sample, preset_mode("aggressive")))
+    figure = rank_heatmap(plan(sample, preset_rule("aggressive")))
 
     image = np.asarray(figure.axes[0].images[0].get_array())
     kinds = [label.get_text() for label in figure.axes[0].get_xticklabels()]
@@ -100,16 +100,16 @@ def test_singular_value_decay_has_a_curve_per_nonzero_layer(sample):
 
 
 def test_budget_bars_show_each_plan_and_the_uniform_ranks(sample):
-    plans = recommend(sample)
+    plans = plan_set(sample)
 
-    figure = budget_bars(plans, sample)
+    figure = budget_bars(plans)
 
     heights = [bar.get_height() for bar in figure.axes[0].patches]
     uniform = [
         sum(min(r, min(layer.shape)) * sum(layer.shape) for layer in sample.layers)
         for r in (8, 16, 64)
     ]
-    assert heights == [p.params for p in plans] + uniform
+    assert heights == [p.params for p in plans.chosen] + uniform
 
 
 def _llama_analysis(blocks: int):
@@ -125,7 +125,7 @@ def _llama_analysis(blocks: int):
 
 def test_heatmap_of_80_blocks_thins_labels_and_keeps_every_value():
     analysis = _llama_analysis(80)
-    balanced = plan(analysis, preset_mode("balanced"))
+    balanced = plan(analysis, preset_rule("balanced"))
 
     figure = rank_heatmap(balanced)
 
@@ -136,7 +136,7 @@ def test_heatmap_of_80_blocks_thins_labels_and_keeps_every_value():
 
 
 def test_files_are_valid_png_svg_and_pdf_with_deterministic_names(sample, tmp_path):
-    figures = make_figures(sample, recommend(sample), plan(sample, preset_mode("balanced")))
+    figures = make_figures(sample, plan_set(sample))
     names = {
         "energy-curves",
         "singular-values",

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from svdrank import analyze, recommend
-from svdrank.energy import rank_at
+from svdrank.spectra.energy import rank_at
 
 
 def _merged_bf16_pair(tmp_path, size: float):

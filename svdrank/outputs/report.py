@@ -14,13 +14,13 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from svdrank.policy import RankPlan
+from svdrank.types import RankPlan
 
 
 def summary_table_html(plans: Sequence[RankPlan]) -> str:
     """An HTML table of each plan's totals: parameters, share of full fine-tuning, energy."""
     rows = "".join(
-        f"<tr><td>{html.escape(p.mode.label)}</td><td>{p.params:,}</td>"
+        f"<tr><td>{html.escape(p.rule.label)}</td><td>{p.params:,}</td>"
         f"<td>{p.params / p.full_params:.2%}</td><td>{p.energy:.2%}</td></tr>"
         for p in plans
         if p.full_params

@@ -9,7 +9,7 @@ values computed.
 Truncated engines (randomized, Lanczos) return values that never exceed the
 true ones (they are singular values of a projection of ΔW; Cauchy interlacing),
 so E(k) from them is a lower bound and a rank read from them is never below the
-exact rank. ``svdrank.adaptive`` grows their k until the values are enough.
+exact rank. ``svdrank.spectra.engines`` grows their k until the values are enough.
 
 float32 input stays float32 through the heavy work; float64 input stays float64.
 Sums that decide a rank accumulate in float64.
@@ -18,41 +18,12 @@ Sums that decide a rank accumulate in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
-from svdrank import nogil
 from svdrank.errors import NumericalError
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """The singular values computed for one layer's update.
-
-    Parameters
-    ----------
-    values : ndarray of float64, shape (k,)
-        σ₁ ≥ σ₂ ≥ … ≥ σ_k ≥ 0, all of them when ``complete``, else the top k.
-    total_energy : float
-        ‖ΔW‖_F², a float64 sum of squares of the entries (within 2⁻²⁴ relative).
-    complete : bool
-        Whether ``values`` is the whole spectrum (k = min(m, n)).
-    engine : str
-        The engine that produced the values.
-    """
-
-    values: np.ndarray
-    total_energy: float
-    complete: bool
-    engine: str
-
-    @property
-    def k(self) -> int:
-        """How many singular values were computed."""
-        return int(self.values.size)
-
+from svdrank.spectra import nogil
 
 CHUNK_ELEMENTS = 1 << 20
 
@@ -163,7 +134,7 @@ def gram_values(delta: np.ndarray) -> np.ndarray:
 def gram_spectrum(gram: np.ndarray) -> np.ndarray:
     """σᵢ = √λᵢ from a Gram matrix (its lower triangle is read; overwritten), descending.
 
-    LAPACK syevr, values only, with the GIL released (see :mod:`svdrank.nogil`).
+    LAPACK syevr, values only, with the GIL released (see :mod:`svdrank.spectra.nogil`).
     """
     eigenvalues = nogil.eigenvalues_lower(gram)
     return np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))

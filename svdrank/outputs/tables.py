@@ -17,12 +17,17 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from svdrank.analysis import Analysis, Progress, ProgressUpdate
-from svdrank.checkpoint import Checkpoint
-from svdrank.energy import rank_at, retained_energy
-from svdrank.engines import Spectrum
-from svdrank.pairing import SKIP_REASONS, kind_of, module_of
-from svdrank.policy import PRESETS, RankPlan, plan, preset_mode
+from svdrank.inputs.checkpoint import Checkpoint
+from svdrank.inputs.names import kind_of, module_of
+from svdrank.types import (
+    SKIP_REASONS,
+    Analysis,
+    LayerRank,
+    PlanSet,
+    Progress,
+    ProgressUpdate,
+    RankPlan,
+)
 
 
 def human_bytes(count: float) -> str:
@@ -89,36 +94,30 @@ def print_tables(console: Console, tables: list[Table]) -> None:
         console.print(table)
 
 
-DIFF_TARGETS = (0.95, 0.90, 0.85)
-DIFF_UNIFORM_RANKS = (8, 16, 64)
-
-
-def diff_tables(analysis: Analysis) -> list[Table]:
+def diff_tables(analysis: Analysis, plans: PlanSet) -> list[Table]:
     """The per-layer table, the per-kind summary and the skipped tensors of an analysis."""
-    plans = [plan(analysis, preset_mode(name)) for name in PRESETS]
-    tables = [_layer_table(analysis), _kind_table(plans)]
+    tables = [_layer_table(analysis, plans), _kind_table(list(plans.chosen))]
     if analysis.skipped:
         tables.append(_skipped_table(analysis))
     return tables
 
 
-def _layer_table(analysis: Analysis) -> Table:
-    """One row per layer: norms, ranks at 95/90/85 %, energy kept at r = 8/16/64, engine."""
+def _layer_table(analysis: Analysis, plans: PlanSet) -> Table:
+    """One row per layer: norms, the ranks of each plan, energy kept at uniform ranks, engine."""
     table = Table(title=f"{len(analysis.layers)} layers", title_justify="left")
     table.add_column("module")
     table.add_column("shape")
     for column in ("‖ΔW‖", "‖ΔW‖/‖W‖"):
         table.add_column(column, justify="right")
-    for target in DIFF_TARGETS:
-        table.add_column(f"r@{target:.0%}", justify="right")
-    for rank in DIFF_UNIFORM_RANKS:
-        table.add_column(f"E(r={rank})", justify="right")
+    for rank_plan in plans.chosen:
+        table.add_column(f"r@{rank_plan.rule.value:.0%}", justify="right")
+    for rank_plan in plans.uniform:
+        table.add_column(f"E(r={rank_plan.rule.value:.0f})", justify="right")
     table.add_column("engine")
-    metric = analysis.settings.metric
-    for layer in analysis.layers:
+    for index, layer in enumerate(analysis.layers):
         spectrum = layer.spectrum
-        ranks = [str(rank_at(spectrum, target, metric)) for target in DIFF_TARGETS]
-        kept = [_energy_text(spectrum, rank, metric) for rank in DIFF_UNIFORM_RANKS]
+        ranks = [str(rank_plan.layers[index].rank) for rank_plan in plans.chosen]
+        kept = [_energy_text(rank_plan.layers[index]) for rank_plan in plans.uniform]
         table.add_row(
             layer.module,
             "x".join(map(str, layer.shape)),
@@ -131,10 +130,11 @@ def _layer_table(analysis: Analysis) -> Table:
     return table
 
 
-def _energy_text(spectrum: Spectrum, rank: int, metric: str) -> str:
+def _energy_text(item: LayerRank) -> str:
     """E(rank) as a percentage; '≥' marks a lower bound beyond a truncated spectrum."""
-    bound = "≥" if not spectrum.complete and rank > spectrum.k else ""
-    return f"{bound}{retained_energy(spectrum, rank, metric):.1%}"
+    spectrum = item.layer.spectrum
+    bound = "≥" if not spectrum.complete and item.rank > spectrum.k else ""
+    return f"{bound}{item.energy:.1%}"
 
 
 def _kind_table(plans: list[RankPlan]) -> Table:
@@ -144,7 +144,7 @@ def _kind_table(plans: list[RankPlan]) -> Table:
     table.add_column("layers", justify="right")
     table.add_column("full FT", justify="right")
     for rank_plan in plans:
-        table.add_column(f"{rank_plan.mode.label} ({rank_plan.mode.value:.0%})", justify="right")
+        table.add_column(f"{rank_plan.rule.label} ({rank_plan.rule.value:.0%})", justify="right")
     kinds: dict[str, list[int]] = {}
     for position, item in enumerate(plans[0].layers):
         kinds.setdefault(item.layer.kind, []).append(position)
@@ -194,7 +194,7 @@ def plans_table(plans: list[RankPlan]) -> Table:
     table.add_column("module")
     table.add_column("shape")
     for rank_plan in plans:
-        table.add_column(f"r {rank_plan.mode.label}", justify="right")
+        table.add_column(f"r {rank_plan.rule.label}", justify="right")
         table.add_column("kept", justify="right")
     for index, first in enumerate(plans[0].layers):
         cells = []

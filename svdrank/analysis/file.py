@@ -6,18 +6,22 @@ so no later command touches the checkpoints again.
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from svdrank.adaptive import EngineSettings
-from svdrank.analysis import Analysis, AnalysisSettings, LayerResult
-from svdrank.engines import Spectrum
 from svdrank.errors import AnalysisFileError
-from svdrank.files import write_atomically
-from svdrank.pairing import Skipped
+from svdrank.files import dumps, read_json_object, write_atomically
+from svdrank.types import (
+    Analysis,
+    AnalysisSettings,
+    EngineSettings,
+    LayerResult,
+    Skipped,
+    Spectrum,
+)
 
 ANALYSIS_SCHEMA = "svdrank.analysis/1"
 DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
@@ -25,31 +29,36 @@ DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
 
 def analysis_record(analysis: Analysis) -> dict[str, Any]:
     """The analysis as the JSON object of schema ``svdrank.analysis/1``."""
-    settings = analysis.settings
     return {
         "schema": ANALYSIS_SCHEMA,
         "svdrank_version": analysis.version,
         "created": analysis.created,
         "inputs": analysis.inputs,
-        "settings": {
-            "engine": settings.engine.engine,
-            "metric": settings.metric,
-            "max_energy": settings.engine.max_energy,
-            "oversample": settings.engine.oversample,
-            "power_iters": settings.engine.power_iters,
-            "normalizer": settings.engine.normalizer,
-            "krylov": settings.engine.krylov,
-            "seed": settings.seed,
-            "include": list(settings.include),
-            "exclude": list(settings.exclude),
-            "include_conv": settings.include_conv,
-        },
+        "settings": settings_record(analysis.settings),
         "layers": [_layer_record(layer) for layer in analysis.layers],
         "skipped": [
             {"name": item.name, "reason": item.reason, "detail": item.detail}
             for item in analysis.skipped
         ],
     }
+
+
+def settings_record(settings: AnalysisSettings) -> dict[str, Any]:
+    """The settings as one flat JSON object: the engine's fields, then the analysis's own."""
+    record = asdict(settings)
+    return {**record.pop("engine"), **record}
+
+
+def settings_from_record(stored: dict[str, Any]) -> AnalysisSettings:
+    """Settings from their flat record; fields an older file lacks take their defaults."""
+    engine_fields = {item.name for item in fields(EngineSettings)}
+    own_fields = {item.name for item in fields(AnalysisSettings)} - {"engine"}
+    engine = EngineSettings(**{key: stored[key] for key in engine_fields if key in stored})
+    own = {key: stored[key] for key in own_fields if key in stored}
+    for key in ("include", "exclude"):
+        if key in own:
+            own[key] = tuple(own[key])
+    return AnalysisSettings(engine=engine, **own)
 
 
 def _layer_record(layer: LayerResult) -> dict[str, Any]:
@@ -75,7 +84,7 @@ def _layer_record(layer: LayerResult) -> dict[str, Any]:
 def save_analysis(analysis: Analysis, path: str | Path = DEFAULT_ANALYSIS) -> Path:
     """Write the analysis file atomically (temporary file, then rename)."""
     path = Path(path)
-    write_atomically(path, json.dumps(analysis_record(analysis), separators=(",", ":")) + "\n")
+    write_atomically(path, dumps(analysis_record(analysis), indent=None))
     return path
 
 
@@ -88,15 +97,12 @@ def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
         If the file is missing, not JSON, of another schema, or incomplete.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise AnalysisFileError(
             f"{path}: no analysis file here; run `svdrank diff BASE TUNED` first"
         )
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnalysisFileError(f"{path}: not a readable analysis file ({exc})") from exc
-    schema = record.get("schema") if isinstance(record, dict) else None
+    record = read_json_object(path, "analysis file", AnalysisFileError)
+    schema = record.get("schema")
     if schema != ANALYSIS_SCHEMA:
         raise AnalysisFileError(
             f"{path}: schema {schema!r} is not {ANALYSIS_SCHEMA!r}; re-run `svdrank diff` "
@@ -110,22 +116,7 @@ def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
 
 def _analysis_from_record(record: dict[str, Any]) -> Analysis:
     """Rebuild the dataclasses from a validated-schema record."""
-    stored = record["settings"]
-    settings = AnalysisSettings(
-        engine=EngineSettings(
-            engine=stored["engine"],
-            max_energy=float(stored["max_energy"]),
-            oversample=int(stored["oversample"]),
-            power_iters=int(stored["power_iters"]),
-            normalizer=stored["normalizer"],
-            krylov=bool(stored.get("krylov", False)),
-        ),
-        metric=stored["metric"],
-        seed=int(stored["seed"]),
-        include=tuple(stored["include"]),
-        exclude=tuple(stored["exclude"]),
-        include_conv=bool(stored["include_conv"]),
-    )
+    settings = settings_from_record(record["settings"])
     layers = tuple(_layer_from_record(layer) for layer in record["layers"])
     skipped = tuple(
         Skipped(item["name"], item["reason"], item.get("detail", "")) for item in record["skipped"]

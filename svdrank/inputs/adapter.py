@@ -1,11 +1,8 @@
-"""PEFT LoRA adapters as input: the exact spectrum of each module's update s·B·A.
+"""PEFT LoRA adapters as input: the config, and the factors B and A of each module.
 
 A LoRA module adds ΔW = s·B·A with A (r×n), B (m×r) and s = α/r (α/√r with
-rsLoRA). Its singular values come from the r×r core without forming the m×n
-product: with B = Q_B·R_B and Aᵀ = Q_A·R_A (thin QR), B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ,
-so σ(s·B·A) = s·σ(R_B·R_Aᵀ). Cost O((m+n)·r²); exact to working precision.
-This answers "how much of my r=64 adapter is real?", kohya's resize_lora.py
-question, with the same analysis file the checkpoint diff writes.
+rsLoRA). This module reads them; :mod:`svdrank.analysis.adapter` turns them
+into spectra.
 """
 
 from __future__ import annotations
@@ -13,20 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import scipy.linalg
 
-from svdrank.analysis import Analysis, AnalysisSettings, LayerResult, describe_input
-from svdrank.checkpoint import Checkpoint, open_checkpoint
-from svdrank.engines import Spectrum, check_finite, exact_values
 from svdrank.errors import CheckpointError
-from svdrank.pairing import block_of, kind_of, natural_key, role_of
+from svdrank.inputs.checkpoint import Checkpoint
+from svdrank.inputs.names import natural_key, pattern_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,14 +48,6 @@ class AdapterConfig:
         """s = α/r, or α/√r with rsLoRA."""
         alpha = self.alpha_of(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-
-def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The first key that PEFT would match to ``module``: ``(.*\\.)?(key)$``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -157,72 +140,3 @@ def lora_factors(weights: Checkpoint, lora: LoraModule) -> tuple[np.ndarray, np.
             f"{list(b.shape)} do not multiply"
         )
     return b, a
-
-
-def lora_values(b: np.ndarray, a: np.ndarray, scale: float) -> np.ndarray:
-    """Singular values of scale·B·A from the r×r core R_B·R_Aᵀ (no m×n product)."""
-    r_b = _thin_r(b)
-    r_a = _thin_r(a.T)
-    return np.asarray(exact_values(r_b @ r_a.T), dtype=np.float64) * abs(scale)
-
-
-def _thin_r(factor: np.ndarray) -> np.ndarray:
-    """The R of a thin QR (min(rows, cols) rows); SciPy's mode="r" pads it with zero rows."""
-    r = scipy.linalg.qr(factor, mode="r", check_finite=False)[0]
-    return r[: min(factor.shape)]
-
-
-def analyze_adapter(path: str | Path) -> Analysis:
-    """The analysis of a PEFT LoRA adapter: one complete spectrum per adapted module.
-
-    Parameters
-    ----------
-    path : str or Path
-        The adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
-        or its config file.
-
-    Returns
-    -------
-    Analysis
-        Layers carry ‖ΔW‖_F of s·B·A and no base norm (there is no base).
-
-    Raises
-    ------
-    CheckpointError
-        For a missing or malformed config or weights file.
-    """
-    directory = adapter_directory(path)
-    config = read_adapter_config(directory)
-    weights = open_checkpoint(directory / WEIGHTS_NAME)
-    layers = tuple(_adapter_layer(weights, lora, config) for lora in lora_modules(weights))
-    return Analysis(
-        inputs={"adapter": describe_input(weights), "config": str(directory / CONFIG_NAME)},
-        settings=AnalysisSettings(),
-        layers=layers,
-        skipped=(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-
-
-def _adapter_layer(weights: Checkpoint, lora: LoraModule, config: AdapterConfig) -> LayerResult:
-    """One module's spectrum from its LoRA factors."""
-    started = time.perf_counter()
-    b, a = lora_factors(weights, lora)
-    check_finite(a, lora.a)
-    check_finite(b, lora.b)
-    values = lora_values(b, a, config.scale(lora.module, a.shape[0]))
-    energy = float(np.sum(np.square(values)))
-    kind = kind_of(lora.module)
-    return LayerResult(
-        module=lora.module,
-        name=lora.module,
-        kind=kind,
-        block=block_of(lora.module),
-        role=role_of(kind, 2),
-        shape=(b.shape[0], a.shape[1]),
-        dtype=weights.tensors[lora.a].dtype,
-        delta_norm=math.sqrt(energy),
-        base_norm=None,
-        spectrum=Spectrum(values, energy, True, "lora"),
-        seconds=time.perf_counter() - started,
-    )

@@ -20,11 +20,13 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from svdrank.errors import CheckpointError
+from svdrank.types import TensorInfo
 
 HEADER_SIZE_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -32,57 +34,25 @@ INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-@dataclass(frozen=True)
-class DType:
-    """How one safetensors dtype string is stored and whether it can be a weight."""
-
-    numpy: np.dtype
-    floating: bool
-
-
-DTYPES: dict[str, DType] = {
-    "F64": DType(np.dtype(np.float64), True),
-    "F32": DType(np.dtype(np.float32), True),
-    "F16": DType(np.dtype(np.float16), True),
-    "BF16": DType(np.dtype(ml_dtypes.bfloat16), True),
-    "F8_E4M3": DType(np.dtype(ml_dtypes.float8_e4m3fn), True),
-    "F8_E5M2": DType(np.dtype(ml_dtypes.float8_e5m2), True),
-    "F8_E8M0": DType(np.dtype(ml_dtypes.float8_e8m0fnu), True),
-    "I64": DType(np.dtype(np.int64), False),
-    "I32": DType(np.dtype(np.int32), False),
-    "I16": DType(np.dtype(np.int16), False),
-    "I8": DType(np.dtype(np.int8), False),
-    "U64": DType(np.dtype(np.uint64), False),
-    "U32": DType(np.dtype(np.uint32), False),
-    "U16": DType(np.dtype(np.uint16), False),
-    "U8": DType(np.dtype(np.uint8), False),
-    "BOOL": DType(np.dtype(np.bool_), False),
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as its file header describes it; no data is read.
-
-    ``start`` is the absolute byte offset of the tensor's data in ``file``.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    file: Path
-    start: int
-
-    @property
-    def floating(self) -> bool:
-        """Whether the tensor holds floating-point values (only those can be weights)."""
-        return DTYPES[self.dtype].floating
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
+"""How each safetensors dtype is stored (which of them are floating: types.FLOATING_DTYPES)."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +98,7 @@ class Checkpoint:
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Map one tensor's bytes and decode them (see :meth:`Checkpoint.read`)."""
     stored = read_tensor_view(info)
-    dtype = DTYPES[info.dtype]
-    if not dtype.floating:
+    if not info.floating:
         return np.array(stored)
     wide = np.float64 if info.dtype == "F64" else np.float32
     return stored.astype(wide)
@@ -142,7 +111,7 @@ def read_tensor_view(info: TensorInfo) -> np.ndarray:
     the last array referring to it goes away.
     """
     if info.nbytes == 0:
-        return np.zeros(info.shape, dtype=DTYPES[info.dtype].numpy)
+        return np.zeros(info.shape, dtype=DTYPES[info.dtype])
     granularity = mmap.ALLOCATIONGRANULARITY
     aligned = info.start - info.start % granularity
     try:
@@ -157,7 +126,7 @@ def read_tensor_view(info: TensorInfo) -> np.ndarray:
         raise CheckpointError(f"{info.file}: cannot map tensor {info.name!r}: {exc}") from exc
     whole = np.frombuffer(mapped, dtype=np.uint8)  # its base is the mmap: see forget_pages
     raw = whole[info.start - aligned : info.start - aligned + info.nbytes]
-    return raw.view(DTYPES[info.dtype].numpy).reshape(info.shape)
+    return raw.view(DTYPES[info.dtype]).reshape(info.shape)
 
 
 def forget_pages(view: np.ndarray) -> None:
@@ -306,6 +275,18 @@ def read_header(file: Path) -> list[TensorInfo]:
     return infos
 
 
+def describe_input(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Path, files, sizes and header digests of one input, for the analysis file."""
+    return {
+        "path": str(checkpoint.path),
+        "bytes": checkpoint.nbytes,
+        "files": [
+            {"name": file.name, "bytes": file.stat().st_size, "header_sha256": header_sha256(file)}
+            for file in checkpoint.files
+        ],
+    }
+
+
 def header_sha256(file: Path) -> str:
     """SHA-256 of a file's length prefix and JSON header: identifies it without reading data."""
     with open(file, "rb") as handle:
@@ -338,7 +319,7 @@ def _tensor_info(file: Path, name: str, entry: object, data_start: int) -> Tenso
     if dtype not in DTYPES:
         known = ", ".join(DTYPES)
         raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype} ({known})")
-    expected = math.prod(shape) * DTYPES[dtype].numpy.itemsize
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
     if any(dim < 0 for dim in shape) or end - begin != expected or begin < 0:
         raise CheckpointError(
             f"{file}: tensor {name!r} has data_offsets [{begin}, {end}] that do not fit its "

@@ -8,63 +8,15 @@ from the analysis.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from svdrank.checkpoint import Checkpoint, TensorInfo
 from svdrank.errors import PairingError
+from svdrank.inputs.checkpoint import Checkpoint
+from svdrank.inputs.names import block_of, kind_of, module_of, natural_key, role_of, selected
+from svdrank.types import Layer, Skipped, TensorInfo
 
-SKIP_REASONS: dict[str, str] = {
-    "not-2d": "not a matrix (bias, norm or other non-2-D tensor)",
-    "not-floating": "integer or bool tensor (a buffer, never a weight)",
-    "shape-mismatch": "shapes differ between base and tuned",
-    "only-in-base": "only in the base checkpoint",
-    "only-in-tuned": "only in the tuned checkpoint",
-    "conv": "4-D conv kernel (analyse with --include-conv)",
-    "excluded": "left out by --include/--exclude",
-}
-
-EMBEDDING_KINDS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "embed_in")
-LM_HEAD_KINDS = ("lm_head", "embed_out")
 PREFIX_DEPTH = 3
-_BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_DIGITS = re.compile(r"(\d+)")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One weight matrix present in both checkpoints with the same shape.
-
-    ``shape`` is the matrix shape analysed: a conv kernel (out, in, kh, kw) is
-    analysed as (out, in·kh·kw). ``role`` is ``linear``, ``embedding``,
-    ``lm_head`` or ``conv``.
-    """
-
-    name: str
-    module: str
-    kind: str
-    block: int | None
-    shape: tuple[int, int]
-    role: str
-    base: TensorInfo
-    tuned: TensorInfo
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A tensor that is not analysed, with the reason code (a key of SKIP_REASONS)."""
-
-    name: str
-    reason: str
-    detail: str = ""
-
-    @property
-    def explanation(self) -> str:
-        """The reason in words, with the detail when there is one."""
-        text = SKIP_REASONS[self.reason]
-        return f"{text}: {self.detail}" if self.detail else text
 
 
 @dataclass(frozen=True)
@@ -75,38 +27,6 @@ class Pairing:
     skipped: tuple[Skipped, ...]
     base_prefix: str
     tuned_prefix: str
-
-
-def module_of(name: str) -> str:
-    """The module name: the tensor name without a trailing ``.weight``."""
-    return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
-def kind_of(module: str) -> str:
-    """The last dotted component of a module name (``q_proj``)."""
-    return module.rsplit(".", 1)[-1]
-
-
-def block_of(name: str) -> int | None:
-    """The first integer component of a dotted name, or None."""
-    match = _BLOCK.search(name)
-    return int(match.group(1)) if match else None
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders ``layers.2`` before ``layers.11``."""
-    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(name))
-
-
-def role_of(kind: str, ndim: int) -> str:
-    """Classify a layer as linear, embedding, lm_head or conv."""
-    if ndim == 4:
-        return "conv"
-    if kind in LM_HEAD_KINDS:
-        return "lm_head"
-    if kind in EMBEDDING_KINDS or "embed" in kind:
-        return "embedding"
-    return "linear"
 
 
 def pair_checkpoints(
@@ -182,7 +102,7 @@ def _classify(
     if len(base.shape) not in (2, 4) or 0 in base.shape:
         return Skipped(base.name, "not-2d", str(list(base.shape)))
     module = module_of(base.name)
-    if not _selected(module, include, exclude):
+    if not selected(module, include, exclude):
         return Skipped(base.name, "excluded")
     out, *rest = base.shape
     shape = (out, rest[0] * (rest[1] * rest[2] if len(rest) == 3 else 1))
@@ -197,13 +117,6 @@ def _classify(
         base=base,
         tuned=tuned,
     )
-
-
-def _selected(module: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    """Whether a module passes the include and exclude glob patterns."""
-    if include and not any(fnmatch.fnmatchcase(module, pattern) for pattern in include):
-        return False
-    return not any(fnmatch.fnmatchcase(module, pattern) for pattern in exclude)
 
 
 def find_prefixes(base_names: Sequence[str], tuned_names: Sequence[str]) -> tuple[str, str]:

@@ -18,10 +18,8 @@ import math
 
 import numpy as np
 
-from svdrank.engines import Spectrum
 from svdrank.errors import UsageError
-
-METRICS = ("fro", "nuclear")
+from svdrank.types import METRICS, Spectrum, check_choice
 
 
 def energy_curve(spectrum: Spectrum, metric: str = "fro") -> np.ndarray:
@@ -35,8 +33,7 @@ def energy_curve(spectrum: Spectrum, metric: str = "fro") -> np.ndarray:
     UsageError
         For ``nuclear`` on a truncated spectrum, or an unknown metric.
     """
-    if metric not in METRICS:
-        raise UsageError(f"unknown metric {metric!r}; choose fro or nuclear")
+    check_choice(metric, METRICS, "metric")
     if spectrum.total_energy == 0.0:
         return np.zeros(0)
     if metric == "nuclear":

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
-from svdrank.checkpoint import Checkpoint
 from svdrank.errors import UsageError
-from svdrank.policy import PRESETS, RankPlan
+from svdrank.inputs.checkpoint import Checkpoint
+from svdrank.types import CheckReport, RankPlan, Violation
 
 INSPECT_SCHEMA = "svdrank.inspect/1"
 
@@ -45,34 +45,45 @@ def inspect_record(checkpoint: Checkpoint) -> dict[str, Any]:
     }
 
 
-def dumps(record: dict[str, Any]) -> str:
-    """Serialise a record as indented JSON with a trailing newline."""
-    return json.dumps(record, indent=2) + "\n"
-
-
-RANKS_SCHEMA = "svdrank.ranks/1"
+RANKS_SCHEMA = "svdrank.ranks/2"
+RANKS_SCHEMAS = ("svdrank.ranks/1", RANKS_SCHEMA)
+"""Rank config schemas ``check`` reads (their ``modules`` are alike)."""
 DEFAULT_ALPHA_RATIO = 2.0
 """lora_alpha = 2·r for every module: the common r=16/α=32 recipe, kept per module so the
 LoRA scale α/r is the same everywhere whatever rank a module gets."""
 
 
+RULE_FIELDS = {
+    "energy": "energy_target",
+    "sv_ratio": "sv_ratio",
+    "threshold": "threshold",
+    "uniform": "uniform_rank",
+    "budget": "budget",
+}
+"""The field of a rank config that holds each rule's value; the others are null."""
+
+
 def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[str, Any]:
-    """A plan as native JSON (schema ``svdrank.ranks/1``)."""
-    mode = rank_plan.mode
-    constraints = rank_plan.constraints
+    """A plan as native JSON (schema ``svdrank.ranks/2``).
+
+    Every ``energy`` figure, per module and in the totals, is in the plan's
+    metric. Only the field of the plan's own rule holds a value: an
+    ``sv_ratio`` plan has ``"sv_ratio": 4.0`` and ``"energy_target": null``.
+    """
+    rule = rank_plan.rule
+    values: dict[str, float | int | None] = dict.fromkeys(RULE_FIELDS.values())
+    values[RULE_FIELDS[rule.method]] = (
+        int(rule.value) if rule.method in ("budget", "uniform") else rule.value
+    )
     return {
         "schema": RANKS_SCHEMA,
         "analysis": analysis_path,
-        "mode": mode.kind,
-        "preset": mode.label if mode.label in PRESETS else None,
-        "target": mode.value if mode.kind != "budget" else None,
-        "budget": int(mode.value) if mode.kind == "budget" else None,
+        "rule": rule.method,
+        "preset": rule.preset,
+        **values,
+        "objective": rule.objective,
         "metric": rank_plan.metric,
-        "constraints": {
-            "min_rank": constraints.min_rank,
-            "max_rank": constraints.max_rank,
-            "multiple_of": constraints.multiple_of,
-        },
+        "constraints": asdict(rank_plan.constraints),
         "modules": {
             item.layer.module: {
                 "rank": item.rank,
@@ -86,7 +97,9 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
         "totals": {
             "params": rank_plan.params,
             "full_params": rank_plan.full_params,
-            "ratio": rank_plan.params / rank_plan.full_params if rank_plan.full_params else 0.0,
+            "params_share": (
+                rank_plan.params / rank_plan.full_params if rank_plan.full_params else 0.0
+            ),
             "energy": round(rank_plan.energy, 6),
         },
     }
@@ -130,7 +143,7 @@ def _plan_rows(plans: list[RankPlan]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the side-by-side layer table of one or more plans."""
     header = list(PLAN_COLUMNS)
     for rank_plan in plans:
-        header += [f"rank {rank_plan.mode.label}", f"energy {rank_plan.mode.label}"]
+        header += [f"rank {rank_plan.rule.label}", f"energy {rank_plan.rule.label}"]
     rows = []
     for index, first in enumerate(plans[0].layers):
         layer = first.layer
@@ -166,3 +179,55 @@ def plans_markdown(plans: list[RankPlan]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in [*rows, totals]]
     return "\n".join(lines) + "\n"
+
+
+CHECK_SCHEMA = "svdrank.check/1"
+
+
+def report_record(report: CheckReport) -> dict[str, Any]:
+    """A check report as JSON (schema ``svdrank.check/1``)."""
+    allocation = report.allocation
+    return {
+        "schema": CHECK_SCHEMA,
+        "target": allocation.source,
+        "format": allocation.source_format,
+        "passed": report.passed,
+        "limits": report.limits,
+        "totals": {
+            "modules": len(allocation.modules),
+            "params": allocation.params,
+            "max_rank": allocation.max_rank,
+        },
+        "violations": [
+            {"module": v.module, "limit": v.limit, "value": v.value, "bound": v.bound}
+            for v in report.violations
+        ],
+    }
+
+
+def report_text(report: CheckReport) -> str:
+    """A check report as lines for a CI log: a verdict, then one line per violation."""
+    allocation = report.allocation
+    params = "unknown" if allocation.params is None else f"{allocation.params:,}"
+    count = len(report.violations)
+    verdict = "PASS" if report.passed else f"FAIL ({count} violation{'s' * (count != 1)})"
+    lines = [
+        f"svdrank check: {verdict}: {allocation.source} ({allocation.source_format}), "
+        f"{len(allocation.modules)} modules, {params} LoRA parameters, "
+        f"max rank {allocation.max_rank}"
+    ]
+    for violation in report.violations:
+        value, bound = _format_limit(violation)
+        lines.append(
+            f"  {violation.limit}: {violation.module}: {value} > {bound}"
+            if violation.limit != "min-energy"
+            else f"  {violation.limit}: {violation.module}: keeps {value} < {bound}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _format_limit(violation: Violation) -> tuple[str, str]:
+    """Value and bound as text: counts with separators, energies as percentages."""
+    if violation.limit == "min-energy":
+        return f"{violation.value:.2%}", f"{violation.bound:.2%}"
+    return f"{int(violation.value):,}", f"{int(violation.bound):,}"

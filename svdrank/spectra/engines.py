@@ -9,12 +9,10 @@ complete engine once that is cheaper; each Spectrum records what was used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from svdrank.engines import (
-    Spectrum,
+from svdrank.spectra.kernels import (
     check_finite,
     exact_values,
     extend_range,
@@ -24,11 +22,8 @@ from svdrank.engines import (
     projected_values,
     smaller_gram,
 )
-from svdrank.errors import UsageError
+from svdrank.types import EngineSettings, Spectrum
 
-ENGINES = ("auto", "exact", "gram", "randomized", "lanczos")
-NORMALIZERS = ("lu", "qr", "none")
-LANCZOS_SOLVERS = ("arpack", "propack")
 EXACT_BELOW = 128
 """auto: layers whose smaller side is at most this go to the exact engine. Both routes take
 milliseconds there and exact is the more accurate; above it, Gram's one SYRK plus a small
@@ -38,38 +33,6 @@ FIRST_K = 32
 TRUNCATED_SHARE = 0.2
 """Truncated engines hand over to a complete one once k + oversample exceeds this share of
 min(m, n): past it, Gram's one SYRK plus eigensolver costs less than the sketch's passes."""
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How :func:`decompose` computes a spectrum; the defaults suit fine-tuning updates.
-
-    ``complete`` asks for the whole spectrum (the ``nuclear`` metric needs it);
-    it routes every layer to the exact engine.
-    """
-
-    engine: str = "auto"
-    max_energy: float = 0.95
-    oversample: int = 10
-    power_iters: int = 2
-    normalizer: str = "lu"
-    lanczos_solver: str = "arpack"
-    krylov: bool = False
-    complete: bool = False
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise UsageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        if self.lanczos_solver not in LANCZOS_SOLVERS:
-            raise UsageError(f"unknown Lanczos solver {self.lanczos_solver!r} (arpack, propack)")
-        if self.normalizer not in NORMALIZERS:
-            raise UsageError(
-                f"unknown normalizer {self.normalizer!r}; choose one of {', '.join(NORMALIZERS)}"
-            )
-        if not 0.0 < self.max_energy <= 1.0:
-            raise UsageError(f"--max-energy must be in (0, 1], got {self.max_energy}")
-        if self.oversample < 0 or self.power_iters < 0:
-            raise UsageError("--oversample and --power-iters must be ≥ 0")
 
 
 def decompose(

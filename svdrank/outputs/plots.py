@@ -8,10 +8,8 @@ them under deterministic names.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +21,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
-from svdrank.analysis import Analysis, LayerResult
-from svdrank.energy import energy_curve, retained_energy
 from svdrank.errors import UsageError
-from svdrank.policy import DEFAULT_PRESET, RankPlan, recommend
-from svdrank.report import summary_table_html, write_html_report
+from svdrank.outputs.report import summary_table_html, write_html_report
+from svdrank.ranks.rules import PRESETS
+from svdrank.spectra.energy import energy_curve
+from svdrank.types import Analysis, LayerResult, PlanSet, RankPlan
 
 FORMATS = ("png", "svg", "pdf")
 # Okabe & Ito's colour-blind-safe palette, for categorical series.
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 BLOCK_COLORMAP = "viridis"
-TARGET_LINES = (0.85, 0.90, 0.95)
-UNIFORM_RANKS = (8, 16, 64)
 MAX_TICK_LABELS = 40
 ANNOTATE_UP_TO = 100
 """Heat maps annotate every cell up to this many blocks, then only the colour bar speaks."""
@@ -119,7 +115,7 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
     metric = rank_plan.metric
     kinds = kinds_in_order(analysis.layers)
     figure, axes = _panels(
-        f"Energy kept by rank k ({metric}) — marks: {rank_plan.mode.label}", kinds
+        f"Energy kept by rank k ({metric}) — marks: {rank_plan.rule.label}", kinds
     )
     color, norm, cmap = _block_colors(analysis.layers)
     ranks = {item.layer.module: item.rank for item in rank_plan.layers}
@@ -137,7 +133,7 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
     for kind, ax in axes.items():
         _draw_curves(ax, curves[kind])
         _draw_marks(ax, marks[kind])
-        for target, style in zip(TARGET_LINES, (":", "--", "-."), strict=True):
+        for target, style in zip(sorted(PRESETS.values()), (":", "--", "-."), strict=True):
             ax.axhline(
                 target,
                 color="#777777",
@@ -295,7 +291,7 @@ def rank_heatmap(rank_plan: RankPlan) -> Figure:
     ax.set_ylabel("block")
     others = sum(1 for item in rank_plan.layers if item.layer.block is None)
     note = f" ({others} layer{'s' * (others != 1)} outside blocks not shown)" if others else ""
-    ax.set_title(f"Recommended ranks — {rank_plan.mode.label}{note}")
+    ax.set_title(f"Recommended ranks — {rank_plan.rule.label}{note}")
     if len(blocks) <= ANNOTATE_UP_TO:
         _annotate_cells(ax, grid, image)
     return figure
@@ -321,27 +317,15 @@ def _annotate_cells(ax, grid: np.ndarray, image) -> None:
         )
 
 
-def budget_bars(plans: Sequence[RankPlan], analysis: Analysis) -> Figure:
+def budget_bars(plans: PlanSet) -> Figure:
     """Total LoRA parameters per plan against uniform r = 8/16/64, each with its energy kept."""
-    labels, params, energies = [], [], []
-    for rank_plan in plans:
-        labels.append(rank_plan.mode.label)
-        params.append(rank_plan.params)
-        energies.append(rank_plan.energy)
-    total = sum(layer.spectrum.total_energy for layer in analysis.layers) or 1.0
-    for rank in UNIFORM_RANKS:
-        labels.append(f"uniform r={rank}")
-        params.append(
-            sum(min(rank, min(layer.shape)) * sum(layer.shape) for layer in analysis.layers)
-        )
-        kept = sum(
-            retained_energy(layer.spectrum, rank) * layer.spectrum.total_energy
-            for layer in analysis.layers
-        )
-        energies.append(kept / total)
+    shown = [*plans.chosen, *plans.uniform]
+    labels = [rank_plan.rule.label for rank_plan in shown]
+    params = [rank_plan.params for rank_plan in shown]
+    energies = [rank_plan.energy for rank_plan in shown]
     figure = Figure(figsize=(1.3 * len(labels) + 2, 4.2), dpi=DPI, layout="constrained")
     ax = figure.subplots()
-    colors = [OKABE_ITO[0]] * len(plans) + [OKABE_ITO[1]] * len(UNIFORM_RANKS)
+    colors = [OKABE_ITO[0]] * len(plans.chosen) + [OKABE_ITO[1]] * len(plans.uniform)
     bars = ax.bar(labels, params, color=colors)
     for bar, energy in zip(bars, energies, strict=True):
         ax.annotate(
@@ -361,17 +345,17 @@ def budget_bars(plans: Sequence[RankPlan], analysis: Analysis) -> Figure:
     return figure
 
 
-def make_figures(analysis: Analysis, plans: Sequence[RankPlan], marked: RankPlan) -> Figures:
-    """Every figure of an analysis; ``marked`` is the plan whose ranks the curves mark."""
+def make_figures(analysis: Analysis, plans: PlanSet) -> Figures:
+    """Every figure of an analysis: curves marked with ``plans.marked``, a heat map per plan."""
     figures = {
-        "energy-curves": energy_curves(analysis, marked),
+        "energy-curves": energy_curves(analysis, plans.marked),
         "singular-values": singular_value_decay(analysis),
     }
     if any(layer.block is not None for layer in analysis.layers):
-        for rank_plan in plans:
-            stem = "rank-heatmap-" + rank_plan.mode.label.replace(" ", "-").replace(",", "")
+        for rank_plan in plans.chosen:
+            stem = "rank-heatmap-" + rank_plan.rule.label.replace(" ", "-").replace(",", "")
             figures[stem] = rank_heatmap(rank_plan)
-    figures["budget"] = budget_bars(plans, analysis)
+    figures["budget"] = budget_bars(plans)
     return figures
 
 
@@ -393,27 +377,11 @@ def _metadata(image_format: str) -> dict:
     return {"Date": None} if image_format in ("svg", "pdf") else {}
 
 
-def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
-    """The analysis restricted to modules matching any of the glob patterns."""
-    if not include:
-        return analysis
-    layers = tuple(
-        layer
-        for layer in analysis.layers
-        if any(fnmatch.fnmatchcase(layer.module, pattern) for pattern in include)
-    )
-    if not layers:
-        raise UsageError(f"no analysed module matches {', '.join(include)}")
-    return replace(analysis, layers=layers)
-
-
 def plot_analysis(
     analysis: Analysis,
+    plans: PlanSet,
     directory: str | Path,
     image_format: str = "png",
-    energy: float | None = None,
-    preset: str | None = None,
-    include: Sequence[str] = (),
     report: bool = False,
 ) -> list[Path]:
     """Write every figure of an analysis (and optionally report.html) into ``directory``.
@@ -421,14 +389,12 @@ def plot_analysis(
     Parameters
     ----------
     analysis : Analysis
+    plans : PlanSet
+        What to mark and map, from :func:`svdrank.ranks.rules.plan_set`.
     directory : str or Path
         Created if missing; files are named ``energy-curves``, ``singular-values``,
         ``rank-heatmap-<plan>`` and ``budget`` with the format's suffix.
     image_format : {"png", "svg", "pdf"}
-    energy, preset : optional
-        The plan to mark and map; default: the three presets (curves mark balanced).
-    include : sequence of str
-        Glob patterns on module names to plot.
     report : bool
         Also write ``report.html``, one self-contained file.
 
@@ -437,14 +403,13 @@ def plot_analysis(
     list of Path
         The files written.
     """
-    analysis = select_layers(analysis, include)
-    plans = recommend(analysis, energy=energy, preset=preset)
-    marked = next((p for p in plans if p.mode.label == DEFAULT_PRESET), plans[0])
-    figures = make_figures(analysis, plans, marked)
+    figures = make_figures(analysis, plans)
     directory = Path(directory)
     paths = write_figures(figures, directory, image_format)
     if report:
         paths.append(
-            write_html_report(figures, summary_table_html(plans), directory / "report.html")
+            write_html_report(
+                figures, summary_table_html(plans.chosen), directory / "report.html"
+            )
         )
     return paths

@@ -1,0 +1,1 @@
+"""The analysis stage: run the pipeline over every layer, and its versioned file."""

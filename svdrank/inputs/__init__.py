@@ -1,0 +1,1 @@
+"""Inputs: checkpoint files and shards, pairing and naming, adapter reading."""

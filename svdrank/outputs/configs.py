@@ -1,0 +1,106 @@
+"""Reading the configs ``check`` judges into an Allocation (module → rank, shape when known).
+
+A target is a native rank config (``svdrank.ranks/1`` or ``/2``), a PEFT
+config (the kwargs of ``LoraConfig``, e.g. from ``recommend --format peft``,
+or an ``adapter_config.json``), or a PEFT adapter directory, whose
+``adapter_model.safetensors`` gives the real ranks and shapes from its header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from svdrank.errors import AnalysisFileError, UsageError
+from svdrank.files import read_json_object
+from svdrank.inputs.adapter import (
+    WEIGHTS_NAME,
+    adapter_directory,
+    is_adapter,
+    lora_modules,
+)
+from svdrank.inputs.checkpoint import open_checkpoint
+from svdrank.inputs.names import pattern_key, peft_targeted
+from svdrank.outputs.formats import RANKS_SCHEMA, RANKS_SCHEMAS
+from svdrank.types import Allocation, Analysis, ModuleRank
+
+
+def read_allocation(path: str | Path, analysis: Analysis | None = None) -> Allocation:
+    """Read a rank config, PEFT config or adapter into an Allocation.
+
+    ``analysis`` supplies shapes (and expands short PEFT target names such as
+    ``q_proj``) where the target itself has none.
+
+    Raises
+    ------
+    AnalysisFileError
+        If the file is missing, not JSON, or neither kind of config.
+    """
+    path = Path(path)
+    if is_adapter(path) and (adapter_directory(path) / WEIGHTS_NAME).is_file():
+        return _adapter_allocation(adapter_directory(path))
+    record = read_json_object(path, "rank config", AnalysisFileError)
+    if record.get("schema") in RANKS_SCHEMAS:
+        return _native_allocation(path, record)
+    if "r" in record and "target_modules" in record:
+        return _peft_allocation(path, record, analysis)
+    raise AnalysisFileError(
+        f"{path}: neither a svdrank rank config ({RANKS_SCHEMA}) nor a PEFT LoRA config "
+        "(with 'r' and 'target_modules')"
+    )
+
+
+def _native_allocation(path: Path, record: dict[str, Any]) -> Allocation:
+    """Modules, ranks and shapes of a svdrank.ranks/1 file."""
+    try:
+        modules = tuple(
+            ModuleRank(name, int(item["rank"]), (int(item["shape"][0]), int(item["shape"][1])))
+            for name, item in record["modules"].items()
+            if int(item["rank"]) > 0
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise AnalysisFileError(f"{path}: corrupt rank config (bad or missing {exc})") from exc
+    return Allocation(str(path), "ranks", modules)
+
+
+def _peft_allocation(path: Path, record: dict[str, Any], analysis: Analysis | None) -> Allocation:
+    """Modules and ranks of a PEFT config; shapes from the analysis when given."""
+    try:
+        default = int(record["r"])
+        patterns = {
+            str(key): int(value) for key, value in (record.get("rank_pattern") or {}).items()
+        }
+        targets = record["target_modules"]
+    except (TypeError, ValueError) as exc:
+        raise AnalysisFileError(f"{path}: corrupt PEFT config ({exc})") from exc
+    layers = {layer.module: layer for layer in analysis.layers} if analysis else {}
+    names = (
+        [name for name in layers if peft_targeted(targets, name)]
+        if layers
+        else _literal_targets(path, targets)
+    )
+    modules = []
+    for name in names:
+        key = pattern_key(patterns, name)
+        layer = layers.get(name)
+        rank = patterns[key] if key is not None else default
+        modules.append(ModuleRank(name, rank, layer.shape if layer else None))
+    return Allocation(str(path), "peft-config", tuple(modules))
+
+
+def _literal_targets(path: Path, targets: Any) -> list[str]:
+    """Without an analysis, the target list itself names the modules."""
+    if not isinstance(targets, list):
+        raise UsageError(f"{path}: target_modules is a pattern; give --analysis to expand it")
+    return [str(target) for target in targets]
+
+
+def _adapter_allocation(directory: Path) -> Allocation:
+    """Real ranks and shapes of a trained adapter, from its weights' header alone."""
+    weights = open_checkpoint(directory / WEIGHTS_NAME)
+    modules = []
+    for lora in lora_modules(weights):
+        a, b = weights.tensors[lora.a].shape, weights.tensors[lora.b].shape
+        rank, shape = (a[0], (b[0], a[1])) if not lora.embedding else (b[1], (a[1], b[0]))
+        modules.append(ModuleRank(lora.module, int(rank), (int(shape[0]), int(shape[1]))))
+    return Allocation(str(directory), "adapter", tuple(modules))

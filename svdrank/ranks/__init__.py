@@ -1,0 +1,1 @@
+"""Ranks: rank rules and presets, budgets, and the checks of the CI gate."""

@@ -1,0 +1,96 @@
+"""The CI gate's judgement: does an allocation of ranks stay within its limits?
+
+Reading the config or adapter into an :class:`~svdrank.types.Allocation` is
+the formats stage's job (:mod:`svdrank.outputs.configs`); rendering the report
+is too. This module only judges.
+"""
+
+from __future__ import annotations
+
+from svdrank.errors import UsageError
+from svdrank.inputs.names import same_module
+from svdrank.spectra.energy import check_target, retained_energy
+from svdrank.types import Allocation, Analysis, CheckReport, LayerResult, Violation
+
+TOTAL = "(total)"
+"""The module name of a violation of the total parameter limit."""
+
+
+def check_allocation(
+    allocation: Allocation,
+    max_params: int | None = None,
+    max_rank: int | None = None,
+    min_energy: float | None = None,
+    analysis: Analysis | None = None,
+) -> CheckReport:
+    """Every violation of the limits given.
+
+    Parameters
+    ----------
+    allocation : Allocation
+    max_params : int, optional
+        Total LoRA parameters Σ r·(m+n) allowed.
+    max_rank : int, optional
+        Largest rank allowed for any module.
+    min_energy : float, optional
+        Each module's rank must keep at least this share of its update's
+        energy, by ``analysis``.
+    analysis : Analysis, optional
+        Needed for ``min_energy``.
+
+    Raises
+    ------
+    UsageError
+        If no limit is given, ``min_energy`` comes without an analysis, shapes
+        are unknown for ``max_params``, or a module is missing from the analysis.
+    """
+    if max_params is None and max_rank is None and min_energy is None:
+        raise UsageError("give at least one limit: --max-params, --max-rank or --min-energy")
+    violations: list[Violation] = []
+    if max_params is not None:
+        violations += _params_violations(allocation, max_params)
+    if max_rank is not None:
+        violations += [
+            Violation(item.module, "max-rank", item.rank, max_rank)
+            for item in allocation.modules
+            if item.rank > max_rank
+        ]
+    if min_energy is not None:
+        violations += _energy_violations(allocation, min_energy, analysis)
+    limits = {"max_params": max_params, "max_rank": max_rank, "min_energy": min_energy}
+    return CheckReport(allocation, limits, tuple(violations))
+
+
+def _params_violations(allocation: Allocation, max_params: int) -> list[Violation]:
+    """The total parameter limit."""
+    total = allocation.params
+    if total is None:
+        raise UsageError(
+            f"{allocation.source}: this config has no layer shapes; give --analysis FILE "
+            "to count its parameters"
+        )
+    return [Violation(TOTAL, "max-params", total, max_params)] if total > max_params else []
+
+
+def _energy_violations(
+    allocation: Allocation, min_energy: float, analysis: Analysis | None
+) -> list[Violation]:
+    """Modules whose rank keeps less than ``min_energy`` of their update."""
+    check_target(min_energy)
+    if analysis is None:
+        raise UsageError("--min-energy needs --analysis FILE (the svdrank diff of the update)")
+    violations = []
+    for item in allocation.modules:
+        layer = _layer_for(item.module, analysis)
+        kept = retained_energy(layer.spectrum, item.rank, analysis.settings.metric)
+        if kept < min_energy:
+            violations.append(Violation(item.module, "min-energy", kept, min_energy))
+    return violations
+
+
+def _layer_for(module: str, analysis: Analysis) -> LayerResult:
+    """The analysis layer of a module, matching names up to a dotted prefix."""
+    for layer in analysis.layers:
+        if same_module(layer.module, module):
+            return layer
+    raise UsageError(f"module {module} is not in the analysis; is it the diff of this model?")

@@ -1,0 +1,1 @@
+"""Spectra: arrays in, arrays out: LAPACK calls, kernels, engine choice, energy."""
