@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SAMPLES := sample_checkpoints
 
-.PHONY: run test lint bench samples clean
+.PHONY: run test test-timing lint bench samples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev,peft]'
+	$(BIN)/python -m pip install -q -e '.[dev,test]'
 	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
@@ -23,12 +23,19 @@ run: $(VENV)/.installed
 	$(BIN)/svdrank recommend --preset balanced -o ranks.json
 	$(BIN)/svdrank recommend --format table
 
+# The linters, then the tests and the docstring examples; wall-clock timings are left out.
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check svdrank tests benchmarks $(SAMPLES)
-	$(BIN)/python -m pytest
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "not timing"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check svdrank tests benchmarks $(SAMPLES)
+	$(BIN)/mypy
+
+# Wall-clock tests: run on a quiet machine, apart from the rest.
+test-timing: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m timing
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks
@@ -37,4 +44,4 @@ samples: $(VENV)/.installed
 	$(BIN)/python $(SAMPLES)/generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

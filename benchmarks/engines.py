@@ -22,8 +22,8 @@ from benchmarks.common import (
     ranks_from,
     write_results,
 )
-from svdrank.spectra.engines import EngineSettings, decompose
 from svdrank.spectra.energy import rank_at
+from svdrank.spectra.engines import EngineSettings, decompose
 from svdrank.spectra.kernels import randomized_values, total_energy
 
 CASES = {

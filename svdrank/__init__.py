@@ -1,4 +1,4 @@
-"""svdrank: how much rank does each layer's fine-tuning update really need?
+"""svdrank: measure how much rank each layer's fine-tuning update really needs.
 
 >>> from svdrank import analyze, recommend
 >>> analysis = analyze("base.safetensors", "tuned.safetensors")   # doctest: +SKIP

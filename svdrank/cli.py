@@ -9,20 +9,19 @@ commands that use them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 
-try:  # Typer ≥ 0.22 carries its own copy of click; older ones use click itself.
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-    from typer._click.exceptions import UsageError as ParserError
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, NoArgsIsHelpError
-    from click.exceptions import UsageError as ParserError
+# Typer carries its own copy of click (typer._click): its exceptions are not click's.
+from typer._click.core import Context
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ParserError
+from typer.core import TyperGroup
 
 from svdrank import cli_options as options
 from svdrank._version import __version__
@@ -53,7 +52,7 @@ def report_error(message: str) -> None:
 class _Group(TyperGroup):
     """One line and exit 2 for bad usage or input (parser errors too); Ctrl-C → 130."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Context) -> Any:
         try:
             return super().invoke(ctx)
         except SvdrankError as exc:
@@ -63,9 +62,19 @@ class _Group(TyperGroup):
             say("svdrank: interrupted; nothing was written")
             raise typer.Exit(130) from None
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(
+                args, prog_name, complete_var, False, windows_expand_args, **extra
+            )
         except NoArgsIsHelpError as exc:
             sys.stdout.write(exc.format_message() + "\n")
             result = 2
@@ -99,7 +108,7 @@ SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown"}
 
 
 def _value(choice: Enum | None) -> Any:
-    """The library value of an optional Enum choice."""
+    """Return the library value of an optional Enum choice."""
     return None if choice is None else choice.value
 
 
@@ -109,7 +118,7 @@ def _wants_json(requested: str | None) -> bool:
 
 
 def _stdout() -> Console:
-    """The console for tables on stdout; wide enough not to wrap names when piped."""
+    """Make the console for tables on stdout, wide enough not to wrap names when piped."""
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
@@ -127,7 +136,7 @@ def _root(
         typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version."),
     ] = False,
 ) -> None:
-    """How much rank does each layer's fine-tuning update really need?"""
+    """Tell how much rank each layer's fine-tuning update really needs."""
 
 
 @app.command()
@@ -265,7 +274,7 @@ def recommend(
 
 
 def _rank_format(requested: str | None, output: Path | None) -> str:
-    """The format asked for, else by -o's suffix, else table on a terminal and json piped."""
+    """Pick the format asked for, else by -o's suffix, else table on a terminal, json piped."""
     if requested is not None:
         if requested == "table" and output is not None:
             raise UsageError(

@@ -19,7 +19,7 @@ from svdrank.types import ENGINES, LANCZOS_SOLVERS, METRICS, NORMALIZERS
 
 
 def _choices(name: str, values: tuple[str, ...] | list[str]) -> Any:
-    """A str Enum of the library's choices, for Typer."""
+    """Make a str Enum of the library's choices, for Typer."""
     return Enum(name, [(value, value) for value in values], type=str)
 
 

@@ -1,22 +1,110 @@
-"""Files at the edges: JSON objects read with one-line errors, outputs written atomically.
+"""Files at the edges: inputs opened without blocking, outputs written atomically.
 
-Readers (a training job, CI) never see half a file, and a failed or
-interrupted command leaves the previous file, if any, as it was.
+Every input is checked to be a regular file (after symlinks) and opened with
+``O_NONBLOCK``: a FIFO, socket or device named like a checkpoint, a dangling or
+looping symlink, or an unreadable file is one line, never a hang or a
+traceback. Readers of the outputs (a training job, CI) never see half a file,
+and a failed or interrupted command leaves the previous file, if any, as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from svdrank.errors import SvdrankError, UsageError
 
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def kind_of_path(path: Path, error: type[SvdrankError]) -> str:
+    """Tell what is at ``path``, following symlinks: ``file``, ``directory`` or a description.
+
+    Raises
+    ------
+    SvdrankError
+        ``error`` for a missing path, a dangling or looping symlink, or one that
+        cannot be examined.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise error(f"{path}: a symlink whose target does not exist") from None
+        raise error(f"{path}: no such file or directory") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be examined ({_reason(exc)})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (after symlinks); never raises."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def open_regular(path: Path, error: type[SvdrankError]) -> BinaryIO:
+    """Open a regular file for reading, without blocking on anything else.
+
+    Raises
+    ------
+    SvdrankError
+        ``error`` with one line for a missing file, a dangling or looping
+        symlink, a FIFO, socket, device or directory, or no read permission.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        missing = "a symlink whose target does not exist" if path.is_symlink() else "no such file"
+        raise error(f"{path}: {missing}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be opened ({_reason(exc)})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise error(f"{path}: is {kind}, not a regular file")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_text(path: Path, error: type[SvdrankError]) -> str:
+    """Read a regular file's UTF-8 text; fail with ``error`` and one line."""
+    with open_regular(path, error) as handle:
+        try:
+            return handle.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise error(f"{path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise error(f"{path}: cannot be read ({_reason(exc)})") from None
+
+
+def _reason(exc: OSError) -> str:
+    """Give the OS's words for an error, with the looping-symlink case made plain."""
+    if exc.errno == errno.ELOOP:
+        return "a symlink loop"
+    return exc.strerror or str(exc)
+
 
 def read_json_object(path: Path, what: str, error: type[SvdrankError]) -> dict[str, Any]:
-    """The JSON object stored in ``path``, or ``error`` with one line naming the file.
+    """Read the JSON object stored in ``path``; fail with one line naming the file.
 
     Parameters
     ----------
@@ -25,18 +113,33 @@ def read_json_object(path: Path, what: str, error: type[SvdrankError]) -> dict[s
         What the file should be, for the message (``"analysis file"``).
     error : type of SvdrankError
         The error raised for a missing, unreadable, non-JSON or non-object file.
+
+    Returns
+    -------
+    dict
+        The decoded object.
+
+    Raises
+    ------
+    SvdrankError
+        An ``error`` instance, if the path is a folder, is missing or unreadable,
+        does not hold JSON, or holds JSON that is not an object.
     """
-    if path.is_dir():
-        raise error(f"{path}: is a directory, not a {what}")
+    text = read_text(path, error)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        record = json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise error(f"{path}: not a readable {what} ({exc})") from None
+    except RecursionError:
+        raise error(f"{path}: not a readable {what} (JSON nested too deeply)") from None
     if not isinstance(record, dict):
         raise error(f"{path}: not a {what} (the JSON is not an object)")
     return record
+
+
+def _refuse_constant(name: str) -> Any:
+    """Refuse NaN and Infinity, which Python's json reads and JSON does not have."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def dumps(record: dict[str, Any], indent: int | None = 2) -> str:
@@ -79,7 +182,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _umask() -> int:
-    """The process umask (reading it means setting it; put it straight back)."""
+    """Return the process umask (reading it means setting it; put it straight back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

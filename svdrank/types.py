@@ -351,7 +351,21 @@ class Constraints:
             )
 
     def apply(self, rank: int, layer: LayerResult) -> int:
-        """The clamped rank of a layer whose rule gave ``rank``."""
+        """Clamp the rank a rule gave a layer.
+
+        Parameters
+        ----------
+        rank : int
+            The rule's rank for ``layer``.
+        layer : LayerResult
+
+        Returns
+        -------
+        int
+            0 for an update that is exactly zero; else ``rank`` raised to
+            ``min_rank``, rounded up to a multiple of ``multiple_of``, cut to
+            ``max_rank`` and to min(m, n).
+        """
         if layer.spectrum.total_energy == 0.0:
             return 0
         rank = max(rank, self.min_rank)

@@ -171,7 +171,7 @@ BAD_FILES = {
     "garbage": (b"hello, I am not a model" * 9, "not a safetensors file"),
     "header beyond size": (_with_header(b"{}", declared=10_000), "exceeds the file size"),
     "invalid JSON": (_with_header(b"{not json"), "invalid header JSON"),
-    "JSON not an object": (_with_header(b"[1, 2]"), "not a JSON object"),
+    "JSON not an object": (_with_header(b"[1, 2]"), "does not start with"),
     "offsets beyond the file": (_with_header({"w": F32_VECTOR}), "truncated"),
     "offsets not matching shape": (
         _with_header({"w": {**F32_VECTOR, "data_offsets": [0, 8]}}, tail=b"\0" * 16),
@@ -235,7 +235,7 @@ def test_corrupt_index_is_one_line_error(tmp_path, run_cli):
     index = tmp_path / "model.safetensors.index.json"
     index.write_text("{ nope")
 
-    assert_one_line_error(run_cli("inspect", index), str(index), "not a safetensors index")
+    assert_one_line_error(run_cli("inspect", index), str(index), "not a readable safetensors index")
 
 
 def test_empty_directory_is_one_line_error(tmp_path, run_cli):

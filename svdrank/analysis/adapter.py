@@ -42,13 +42,13 @@ def lora_values(b: np.ndarray, a: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _thin_r(factor: np.ndarray) -> np.ndarray:
-    """The R of a thin QR (min(rows, cols) rows); SciPy's mode="r" pads it with zero rows."""
+    """Return the R of a thin QR (min(rows, cols) rows); SciPy's mode="r" pads it with zeros."""
     r = scipy.linalg.qr(factor, mode="r", check_finite=False)[0]
     return r[: min(factor.shape)]
 
 
 def analyze_adapter(path: str | Path, settings: AnalysisSettings | None = None) -> Analysis:
-    """The analysis of a PEFT LoRA adapter: one complete spectrum per adapted module.
+    """Analyse a PEFT LoRA adapter: one complete spectrum per adapted module.
 
     Parameters
     ----------

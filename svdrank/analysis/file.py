@@ -28,7 +28,19 @@ DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
 
 
 def analysis_record(analysis: Analysis) -> dict[str, Any]:
-    """The analysis as the JSON object of schema ``svdrank.analysis/1``."""
+    """Convert an analysis to the JSON object of schema ``svdrank.analysis/1``.
+
+    Parameters
+    ----------
+    analysis : Analysis
+
+    Returns
+    -------
+    dict
+        ``schema``, ``svdrank_version``, ``created``, ``inputs``, the flat
+        ``settings`` (see :func:`settings_record`), one record per layer with
+        its singular values, and the ``skipped`` tensors with their reasons.
+    """
     return {
         "schema": ANALYSIS_SCHEMA,
         "svdrank_version": analysis.version,
@@ -44,13 +56,30 @@ def analysis_record(analysis: Analysis) -> dict[str, Any]:
 
 
 def settings_record(settings: AnalysisSettings) -> dict[str, Any]:
-    """The settings as one flat JSON object: the engine's fields, then the analysis's own."""
+    """Flatten settings into one JSON object: the engine's fields, then the analysis's own."""
     record = asdict(settings)
     return {**record.pop("engine"), **record}
 
 
 def settings_from_record(stored: dict[str, Any]) -> AnalysisSettings:
-    """Settings from their flat record; fields an older file lacks take their defaults."""
+    """Rebuild settings from their flat record (the inverse of :func:`settings_record`).
+
+    Parameters
+    ----------
+    stored : dict
+        The ``settings`` object of an analysis file. Fields an older file lacks
+        (``lanczos_solver``, ``complete``) take their defaults; unknown fields
+        are ignored.
+
+    Returns
+    -------
+    AnalysisSettings
+
+    Raises
+    ------
+    UsageError
+        If a stored choice is not one this version knows.
+    """
     engine_fields = {item.name for item in fields(EngineSettings)}
     own_fields = {item.name for item in fields(AnalysisSettings)} - {"engine"}
     engine = EngineSettings(**{key: stored[key] for key in engine_fields if key in stored})
@@ -82,7 +111,24 @@ def _layer_record(layer: LayerResult) -> dict[str, Any]:
 
 
 def save_analysis(analysis: Analysis, path: str | Path = DEFAULT_ANALYSIS) -> Path:
-    """Write the analysis file atomically (temporary file, then rename)."""
+    """Write the analysis file atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    analysis : Analysis
+    path : str or Path
+        Default: ``svdrank-analysis.json`` in the working directory.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    UsageError
+        If the folder does not exist or is not writable, or the path is a folder.
+    """
     path = Path(path)
     write_atomically(path, dumps(analysis_record(analysis), indent=None))
     return path
@@ -90,6 +136,15 @@ def save_analysis(analysis: Analysis, path: str | Path = DEFAULT_ANALYSIS) -> Pa
 
 def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
     """Read an analysis file written by ``svdrank diff``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Default: ``svdrank-analysis.json`` in the working directory.
+
+    Returns
+    -------
+    Analysis
 
     Raises
     ------

@@ -255,7 +255,7 @@ def _analyze_layer(
 def _reporter(
     layers: Sequence[Layer], progress: Progress | None
 ) -> Callable[[Layer, LayerResult], None]:
-    """A function that counts finished layers and bytes and tells ``progress``."""
+    """Make a callback that counts finished layers and bytes and tells ``progress``."""
     done = {"layers": 0, "bytes": 0}
     bytes_total = sum(layer_bytes(layer) for layer in layers)
 

@@ -45,7 +45,7 @@ class AdapterConfig:
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
     def scale(self, module: str, rank: int) -> float:
-        """s = α/r, or α/√r with rsLoRA."""
+        """Return the LoRA scale of a module: s = α/r, or α/√r with rsLoRA."""
         alpha = self.alpha_of(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
@@ -57,7 +57,7 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def adapter_directory(path: str | Path) -> Path:
-    """The adapter directory, given it or its config file."""
+    """Return the adapter directory, given it or its config file."""
     path = Path(path)
     return path.parent if path.name == CONFIG_NAME else path
 

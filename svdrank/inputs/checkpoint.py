@@ -14,9 +14,8 @@ problem precisely enough for a one-line message.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ import ml_dtypes
 import numpy as np
 
 from svdrank.errors import CheckpointError
+from svdrank.files import is_regular_file, kind_of_path, open_regular, read_json_object
+from svdrank.inputs.header import HEADER_SIZE_BYTES, MAX_HEADER_BYTES, parse_header
 from svdrank.types import TensorInfo
 
-HEADER_SIZE_BYTES = 8
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -105,10 +104,26 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
 
 
 def read_tensor_view(info: TensorInfo) -> np.ndarray:
-    """A read-only view of one tensor in its stored dtype, backed by mmap (no copy).
+    """Map one tensor read-only in its stored dtype (mmap, no copy).
 
     Pages are read from disk only when touched; the mapping is released when
     the last array referring to it goes away.
+
+    Parameters
+    ----------
+    info : TensorInfo
+        The tensor's file, dtype, shape and byte range, from its header.
+
+    Returns
+    -------
+    ndarray
+        A read-only array of ``info.shape`` in the NumPy dtype of ``info.dtype``
+        (``ml_dtypes.bfloat16`` for BF16).
+
+    Raises
+    ------
+    CheckpointError
+        If the file cannot be opened or mapped.
     """
     if info.nbytes == 0:
         return np.zeros(info.shape, dtype=DTYPES[info.dtype])
@@ -138,18 +153,21 @@ def forget_pages(view: np.ndarray) -> None:
     touched again). Does nothing for arrays that are not mmap views, or where
     the platform lacks ``madvise``.
     """
-    whole = view
-    while isinstance(whole, np.ndarray) and _mapping(whole) is None:
+    whole: object = view
+    mapping: mmap.mmap | None = None
+    while isinstance(whole, np.ndarray) and (mapping := _mapping(whole)) is None:
         whole = whole.base
-    if not isinstance(whole, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED") or not view.size:
+    if mapping is None or not isinstance(whole, np.ndarray):
+        return
+    if not hasattr(mmap, "MADV_DONTNEED") or not view.size:
         return
     offset = view.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
     start = offset - offset % mmap.PAGESIZE
-    _mapping(whole).madvise(mmap.MADV_DONTNEED, start, offset + view.nbytes - start)
+    mapping.madvise(mmap.MADV_DONTNEED, start, offset + view.nbytes - start)
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:
-    """The mmap an array was made from by ``np.frombuffer`` (directly or via a memoryview)."""
+    """Find the mmap an array was made from by ``np.frombuffer`` (directly or via memoryview)."""
     base = array.base
     if isinstance(base, memoryview):
         base = base.obj
@@ -176,12 +194,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         an index naming a missing shard, or a tensor named in two shards.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_dir():
-        files = _files_of_directory(path)
+    kind = kind_of_path(path, CheckpointError)
+    weight_map: dict[str, str] = {}
+    if kind == "directory":
+        files, weight_map = _files_of_directory(path)
+    elif kind != "file":
+        raise CheckpointError(f"{path}: is {kind}, not a checkpoint file or directory")
     elif path.name.endswith(INDEX_SUFFIX) or path.suffix == ".json":
-        files = _files_of_index(path)
+        files, weight_map = _files_of_index(path)
     else:
         _refuse_pickle(path)
         files = (path,)
@@ -194,7 +214,21 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                     f"{tensors[info.name].file.name} and {file.name}"
                 )
             tensors[info.name] = info
+    _check_weight_map(path, weight_map, tensors)
     return Checkpoint(path=path, files=files, tensors=tensors)
+
+
+def _check_weight_map(
+    index: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]
+) -> None:
+    """Check that every tensor an index names is in the shard it names."""
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != shard:
+            found = "in no shard" if info is None else f"in {info.file.name}"
+            raise CheckpointError(
+                f"{index}: weight_map puts {name!r} in {shard}, but it is {found}"
+            )
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -206,73 +240,97 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _files_of_directory(directory: Path) -> tuple[Path, ...]:
-    """The shards of a directory: those its index names, else every .safetensors file."""
+def _files_of_directory(directory: Path) -> tuple[tuple[Path, ...], dict[str, str]]:
+    """Find the shards of a directory: those its index names, else every .safetensors file.
+
+    Only regular files count (after symlinks): a FIFO or a folder named
+    ``x.safetensors`` is not a shard, and an index that is not a regular file
+    is refused.
+    """
     indexes = sorted(directory.glob(f"*{INDEX_SUFFIX}"))
+    for index in indexes:
+        kind = kind_of_path(index, CheckpointError)
+        if kind != "file":
+            raise CheckpointError(f"{index}: is {kind}, not an index file")
     if len(indexes) > 1:
         names = ", ".join(index.name for index in indexes)
         raise CheckpointError(f"{directory}: several index files ({names}); name one of them")
     if indexes:
         return _files_of_index(indexes[0])
-    files = tuple(sorted(directory.glob("*.safetensors")))
+    files = tuple(sorted(p for p in directory.glob("*.safetensors") if is_regular_file(p)))
     if files:
-        return files
+        return files, {}
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         _refuse_pickle(directory / pickles[0])
     raise CheckpointError(f"{directory}: no .safetensors files in this directory")
 
 
-def _files_of_index(index: Path) -> tuple[Path, ...]:
-    """The shard files an index's ``weight_map`` names, each checked to exist."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{index}: not a safetensors index (expected JSON with a 'weight_map'): {exc}"
-        ) from exc
+def _files_of_index(index: Path) -> tuple[tuple[Path, ...], dict[str, str]]:
+    """Read an index: its shard files (each a regular file beside it) and its weight_map."""
+    record = read_json_object(index, "safetensors index", CheckpointError)
+    weight_map = record.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: 'weight_map' is empty or not an object")
+        raise CheckpointError(f"{index}: 'weight_map' is missing, empty or not an object")
     files = []
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{index}: weight_map gives {name!r} the shard {shard!r}; "
+                "a shard is a file name beside the index"
+            )
     for shard in dict.fromkeys(weight_map.values()):
-        file = index.parent / str(shard)
-        if not file.is_file():
+        file = index.parent / shard
+        if not file.exists() and not file.is_symlink():
             raise CheckpointError(f"{index}: names shard {shard!r}, which does not exist")
+        kind = kind_of_path(file, CheckpointError)
+        if kind != "file":
+            raise CheckpointError(f"{index}: names shard {shard!r}, which is {kind}")
         files.append(file)
-    return tuple(files)
+    return tuple(files), weight_map
 
 
 def read_header(file: Path) -> list[TensorInfo]:
     """Parse and validate one safetensors header without reading tensor data.
 
+    Parameters
+    ----------
+    file : Path
+        A regular file (checked: a FIFO or device is refused, never read).
+
+    Returns
+    -------
+    list of TensorInfo
+        The tensors it holds, in header order.
+
     Raises
     ------
     CheckpointError
-        If the file is empty, truncated, not safetensors, or its header is
-        inconsistent (offsets outside the file, sizes that do not match shapes).
+        If the file is not a readable regular file, is empty, truncated, not
+        safetensors, or its header breaks a rule of the format (see
+        :mod:`svdrank.inputs.header`).
     """
-    size = file.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{file}: empty file")
-    if size < HEADER_SIZE_BYTES:
-        raise CheckpointError(f"{file}: truncated ({size} bytes, shorter than a header)")
-    with open(file, "rb") as handle:
+    with open_regular(file, CheckpointError) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(f"{file}: empty file")
+        if size < HEADER_SIZE_BYTES:
+            raise CheckpointError(f"{file}: truncated ({size} bytes, shorter than a header)")
         (header_len,) = struct.unpack("<Q", handle.read(HEADER_SIZE_BYTES))
-        if header_len > MAX_HEADER_BYTES or header_len > size - HEADER_SIZE_BYTES:
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{file}: header length {header_len} is over the format's limit of "
+                f"{MAX_HEADER_BYTES} bytes (not a safetensors file?)"
+            )
+        if header_len > size - HEADER_SIZE_BYTES:
             raise CheckpointError(
                 f"{file}: not a safetensors file or truncated (header length {header_len} "
                 f"exceeds the file size {size})"
             )
         header_bytes = handle.read(header_len)
-    header = _decode_header(file, header_bytes)
-    data_start = HEADER_SIZE_BYTES + header_len
-    infos = [
-        _tensor_info(file, name, entry, data_start)
-        for name, entry in header.items()
-        if name != "__metadata__"
-    ]
-    _check_extent(file, infos, size)
-    return infos
+    data_bytes = size - HEADER_SIZE_BYTES - header_len
+    itemsizes = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+    return parse_header(file, header_bytes, data_bytes, itemsizes)
 
 
 def describe_input(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -289,49 +347,7 @@ def describe_input(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def header_sha256(file: Path) -> str:
     """SHA-256 of a file's length prefix and JSON header: identifies it without reading data."""
-    with open(file, "rb") as handle:
+    with open_regular(file, CheckpointError) as handle:
         prefix = handle.read(HEADER_SIZE_BYTES)
         (header_len,) = struct.unpack("<Q", prefix)
         return hashlib.sha256(prefix + handle.read(header_len)).hexdigest()
-
-
-def _decode_header(file: Path, header_bytes: bytes) -> dict:
-    """The header's JSON object, or a one-line error."""
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{file}: not a safetensors file (invalid header JSON: {exc})"
-        ) from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
-    return header
-
-
-def _tensor_info(file: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    """Validate one header entry and turn it into a TensorInfo."""
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(dim) for dim in shape)
-        begin, end = int(begin), int(end)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}") from exc
-    if dtype not in DTYPES:
-        known = ", ".join(DTYPES)
-        raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype} ({known})")
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
-    if any(dim < 0 for dim in shape) or end - begin != expected or begin < 0:
-        raise CheckpointError(
-            f"{file}: tensor {name!r} has data_offsets [{begin}, {end}] that do not fit its "
-            f"shape {list(shape)} and dtype {dtype}"
-        )
-    return TensorInfo(name, shape, dtype, expected, file, data_start + begin)
-
-
-def _check_extent(file: Path, infos: list[TensorInfo], size: int) -> None:
-    """Every tensor's bytes must lie inside the file (a truncated file fails here)."""
-    end = max((info.start + info.nbytes for info in infos), default=0)
-    if end > size:
-        raise CheckpointError(
-            f"{file}: truncated (tensor data needs {end} bytes, the file has {size})"
-        )

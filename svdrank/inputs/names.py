@@ -26,17 +26,17 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def module_of(name: str) -> str:
-    """The module name: the tensor name without a trailing ``.weight``."""
+    """Return the module name: the tensor name without a trailing ``.weight``."""
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
 def kind_of(module: str) -> str:
-    """The last dotted component of a module name (``q_proj``)."""
+    """Return the last dotted component of a module name (``q_proj``)."""
     return module.rsplit(".", 1)[-1]
 
 
 def block_of(name: str) -> int | None:
-    """The first integer component of a dotted name, or None."""
+    """Return the first integer component of a dotted name, or None."""
     match = _BLOCK.search(name)
     return int(match.group(1)) if match else None
 
@@ -77,7 +77,23 @@ def peft_targeted(targets: str | Iterable[str], module: str) -> bool:
 
 
 def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The first key that PEFT would match to ``module``: ``(.*\\.)?(key)$``."""
+    r"""Return the first key of ``patterns`` that PEFT would match to ``module``.
+
+    PEFT tests each key ``K`` of ``rank_pattern`` and ``alpha_pattern`` with
+    ``re.match(rf"(.*\.)?({K})$", module)``; the first key that matches wins.
+
+    Parameters
+    ----------
+    patterns : dict
+        A PEFT ``rank_pattern`` or ``alpha_pattern``.
+    module : str
+        A full module name.
+
+    Returns
+    -------
+    str or None
+        The matching key, or None when no key matches.
+    """
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
             return key

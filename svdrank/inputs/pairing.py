@@ -69,7 +69,10 @@ def pair_checkpoints(
     for key, info in base_keys.items():
         other = tuned_keys.get(key)
         outcome = _classify(info, other, include, exclude, include_conv)
-        (layers if isinstance(outcome, Layer) else skipped).append(outcome)
+        if isinstance(outcome, Layer):
+            layers.append(outcome)
+        else:
+            skipped.append(outcome)
     skipped += [
         Skipped(info.name, "only-in-tuned")
         for key, info in tuned_keys.items()
@@ -120,10 +123,21 @@ def _classify(
 
 
 def find_prefixes(base_names: Sequence[str], tuned_names: Sequence[str]) -> tuple[str, str]:
-    """The (base, tuned) prefixes whose removal makes the most names match.
+    """Find the (base, tuned) prefixes whose removal makes the most names match.
 
     At most one side gets a prefix: the difference must be one consistent
     prefix such as ``model.`` or ``base_model.model.``. Ties go to no prefix.
+
+    Parameters
+    ----------
+    base_names, tuned_names : sequence of str
+        The tensor names of the two checkpoints.
+
+    Returns
+    -------
+    tuple of (str, str)
+        The prefix to strip from base names and from tuned names; at least one
+        is ``""``.
     """
     best = ("", "")
     best_matches = _matches(base_names, tuned_names, "", "")

@@ -16,7 +16,18 @@ INSPECT_SCHEMA = "svdrank.inspect/1"
 
 
 def inspect_record(checkpoint: Checkpoint) -> dict[str, Any]:
-    """What ``svdrank inspect --format json`` prints: files, tensors and totals per dtype."""
+    """Describe a checkpoint as ``svdrank inspect --format json`` prints it.
+
+    Parameters
+    ----------
+    checkpoint : Checkpoint
+
+    Returns
+    -------
+    dict
+        Schema ``svdrank.inspect/1``: the path, its files, every tensor (name,
+        shape, dtype, bytes, file) and totals overall and per dtype.
+    """
     by_dtype: dict[str, dict[str, int]] = {}
     for info in checkpoint.tensors.values():
         totals = by_dtype.setdefault(info.dtype, {"tensors": 0, "parameters": 0, "bytes": 0})
@@ -64,11 +75,21 @@ RULE_FIELDS = {
 
 
 def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[str, Any]:
-    """A plan as native JSON (schema ``svdrank.ranks/2``).
+    """Convert a plan to the native rank config (schema ``svdrank.ranks/2``).
 
     Every ``energy`` figure, per module and in the totals, is in the plan's
     metric. Only the field of the plan's own rule holds a value: an
     ``sv_ratio`` plan has ``"sv_ratio": 4.0`` and ``"energy_target": null``.
+
+    Parameters
+    ----------
+    rank_plan : RankPlan
+    analysis_path : str, optional
+        The analysis file the plan was made from, stored as ``analysis``.
+
+    Returns
+    -------
+    dict
     """
     rule = rank_plan.rule
     values: dict[str, float | int | None] = dict.fromkeys(RULE_FIELDS.values())
@@ -106,14 +127,31 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
 
 
 def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -> dict[str, Any]:
-    """A plan as keyword arguments that ``peft.LoraConfig(**record)`` accepts as is.
+    r"""Convert a plan to keyword arguments that ``peft.LoraConfig(**record)`` accepts as is.
 
     Every module with a non-zero rank is targeted by its full name. ``r`` is the
     most common rank; the others go to ``rank_pattern`` (and their alpha to
     ``alpha_pattern``) keyed by full module name. PEFT matches a pattern key
-    with ``re.match(rf"(.*\\.)?({key})$", module_name)``, so a full name only
+    with ``re.match(rf"(.*\.)?({key})$", module_name)``, so a full name only
     matches itself or the same path under a wrapper prefix: ``layers.1.`` can
     never catch ``layers.11.``.
+
+    Parameters
+    ----------
+    rank_plan : RankPlan
+    alpha_ratio : float
+        ``lora_alpha`` of each module as a multiple of its rank.
+
+    Returns
+    -------
+    dict
+        ``r``, ``lora_alpha``, ``target_modules``, ``rank_pattern`` and
+        ``alpha_pattern``.
+
+    Raises
+    ------
+    UsageError
+        If every layer got rank 0, leaving nothing to target.
     """
     targeted = [item for item in rank_plan.layers if item.rank > 0]
     if not targeted:
@@ -171,7 +209,7 @@ def plans_csv(plans: list[RankPlan]) -> str:
 
 
 def plans_markdown(plans: list[RankPlan]) -> str:
-    """A GitHub Markdown table of the plans, with a totals row."""
+    """Render the plans as a GitHub Markdown table, with a totals row."""
     header, rows = _plan_rows(plans)
     totals = ["**total**", "", "", ""]
     for rank_plan in plans:
@@ -185,7 +223,7 @@ CHECK_SCHEMA = "svdrank.check/1"
 
 
 def report_record(report: CheckReport) -> dict[str, Any]:
-    """A check report as JSON (schema ``svdrank.check/1``)."""
+    """Convert a check report to JSON (schema ``svdrank.check/1``)."""
     allocation = report.allocation
     return {
         "schema": CHECK_SCHEMA,
@@ -206,7 +244,7 @@ def report_record(report: CheckReport) -> dict[str, Any]:
 
 
 def report_text(report: CheckReport) -> str:
-    """A check report as lines for a CI log: a verdict, then one line per violation."""
+    """Render a check report for a CI log: a verdict, then one line per violation."""
     allocation = report.allocation
     params = "unknown" if allocation.params is None else f"{allocation.params:,}"
     count = len(report.violations)

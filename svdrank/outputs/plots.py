@@ -77,7 +77,7 @@ def _panel_grid(count: int) -> tuple[int, int]:
 
 
 def _panels(title: str, kinds: list[str], sharey: bool = True) -> tuple[Figure, dict]:
-    """A figure with one axes per kind."""
+    """Make a figure with one axes per kind."""
     rows, columns = _panel_grid(len(kinds))
     figure = Figure(figsize=(4.2 * columns, 3.3 * rows), dpi=DPI, layout="constrained")
     grid = figure.subplots(rows, columns, squeeze=False, sharey=sharey)
@@ -93,7 +93,7 @@ def _panels(title: str, kinds: list[str], sharey: bool = True) -> tuple[Figure, 
 
 
 def _block_colors(layers: Sequence[LayerResult]):
-    """A function giving each layer its colour by block (viridis), and the norm used."""
+    """Make a function giving each layer its colour by block (viridis); return it and the norm."""
     blocks = [layer.block for layer in layers if layer.block is not None]
     norm = Normalize(min(blocks, default=0), max(max(blocks, default=0), 1))
     cmap = colormaps[BLOCK_COLORMAP]
@@ -153,12 +153,12 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
 
 
 def _by_kind(kinds: list[str]) -> dict[str, list]:
-    """An empty list per kind, to gather one panel's artists before drawing them at once."""
+    """Make an empty list per kind, to gather a panel's artists before drawing them at once."""
     return {kind: [] for kind in kinds}
 
 
 def _thinned(size: int, log: bool) -> np.ndarray:
-    """The 1-based indices of a curve of ``size`` points worth drawing.
+    """Pick the 1-based indices of a curve of ``size`` points worth drawing.
 
     A panel is a few hundred pixels wide, so more than ``MAX_CURVE_POINTS`` points
     per curve only cost time. On a log axis the points are spread evenly in
@@ -195,7 +195,7 @@ def _draw_marks(ax, marks: list[tuple[tuple[int, float], tuple]]) -> None:
 
 
 def _log_axis(axis, set_scale) -> None:
-    """A log scale with minor ticks at 2 and 5 only, unlabelled.
+    """Set a log scale with minor ticks at 2 and 5 only, unlabelled.
 
     Matplotlib's default puts eight labelled minor ticks in every decade; laying
     them out dominated the time to save a figure.
@@ -266,12 +266,14 @@ def singular_value_decay(analysis: Analysis) -> Figure:
 
 def rank_grid(rank_plan: RankPlan) -> tuple[list[int], list[str], np.ndarray]:
     """Blocks, kinds, and the blocks × kinds matrix of ranks (NaN where a kind is absent)."""
-    in_blocks = [item for item in rank_plan.layers if item.layer.block is not None]
-    blocks = sorted({item.layer.block for item in in_blocks})
-    kinds = kinds_in_order([item.layer for item in in_blocks])
+    in_blocks = [
+        (item.layer.block, item) for item in rank_plan.layers if item.layer.block is not None
+    ]
+    blocks = sorted({block for block, _ in in_blocks})
+    kinds = kinds_in_order([item.layer for _, item in in_blocks])
     grid = np.full((len(blocks), len(kinds)), np.nan)
-    for item in in_blocks:
-        grid[blocks.index(item.layer.block), kinds.index(item.layer.kind)] = item.rank
+    for block, item in in_blocks:
+        grid[blocks.index(block), kinds.index(item.layer.kind)] = item.rank
     return blocks, kinds, grid
 
 

@@ -18,7 +18,7 @@ from svdrank.types import RankPlan
 
 
 def summary_table_html(plans: Sequence[RankPlan]) -> str:
-    """An HTML table of each plan's totals: parameters, share of full fine-tuning, energy."""
+    """Render each plan's totals as an HTML table: parameters, share of full tuning, energy."""
     rows = "".join(
         f"<tr><td>{html.escape(p.rule.label)}</td><td>{p.params:,}</td>"
         f"<td>{p.params / p.full_params:.2%}</td><td>{p.energy:.2%}</td></tr>"

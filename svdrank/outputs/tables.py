@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -27,6 +27,7 @@ from svdrank.types import (
     Progress,
     ProgressUpdate,
     RankPlan,
+    TensorInfo,
 )
 
 
@@ -40,7 +41,7 @@ def human_bytes(count: float) -> str:
 
 
 def human_count(count: float) -> str:
-    """A parameter count as a short string (``4.2M``)."""
+    """Format a parameter count as a short string (``4.20M``)."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= scale:
             return f"{count / scale:.2f}{unit}"
@@ -48,7 +49,7 @@ def human_count(count: float) -> str:
 
 
 def inspect_tables(checkpoint: Checkpoint) -> list[Table]:
-    """The tensor table of a checkpoint and its totals per dtype and per kind."""
+    """Build the tensor table of a checkpoint and its totals per dtype and per kind."""
     tensors = Table(title=f"{checkpoint.path} — {len(checkpoint.tensors)} tensors")
     for column in ("name", "shape", "dtype", "size"):
         tensors.add_column(column, justify="right" if column == "size" else "left")
@@ -63,9 +64,11 @@ def inspect_tables(checkpoint: Checkpoint) -> list[Table]:
     ]
 
 
-def _totals_table(title: str, checkpoint: Checkpoint, key) -> Table:
+def _totals_table(title: str, checkpoint: Checkpoint, key: Callable[[TensorInfo], str]) -> Table:
     """Tensor count, parameters and bytes grouped by ``key(info)``."""
-    counts, params, sizes = Counter(), Counter(), Counter()
+    counts: Counter[str] = Counter()
+    params: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
     for info in checkpoint.tensors.values():
         counts[key(info)] += 1
         params[key(info)] += info.numel
@@ -95,7 +98,7 @@ def print_tables(console: Console, tables: list[Table]) -> None:
 
 
 def diff_tables(analysis: Analysis, plans: PlanSet) -> list[Table]:
-    """The per-layer table, the per-kind summary and the skipped tensors of an analysis."""
+    """Build the per-layer table, the per-kind summary and the skipped tensors of an analysis."""
     tables = [_layer_table(analysis, plans), _kind_table(list(plans.chosen))]
     if analysis.skipped:
         tables.append(_skipped_table(analysis))
@@ -214,7 +217,20 @@ def plans_table(plans: list[RankPlan]) -> Table:
 
 @contextmanager
 def layer_progress(console: Console, enabled: bool) -> Iterator[Progress | None]:
-    """A progress bar on ``console`` (stderr): layers, MB read, elapsed, ETA; None when off."""
+    """Show a progress bar on ``console`` (stderr): layers, MB read, elapsed, ETA.
+
+    Parameters
+    ----------
+    console : Console
+    enabled : bool
+        False yields None and draws nothing.
+
+    Yields
+    ------
+    callable or None
+        The callback to pass as the pipeline's ``progress``; the bar is removed
+        when the block ends.
+    """
     if not enabled:
         yield None
         return

@@ -24,7 +24,20 @@ _COUNT_SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "m": 1e6, "B": 1e9, "G": 1e9, "
 
 
 def parse_count(text: str | float | int, what: str = "--budget") -> int:
-    """A parameter count such as ``20M``, ``1.5e6``, ``300k`` or ``4096`` as an int.
+    """Parse a parameter count such as ``20M``, ``1.5e6``, ``300k`` or ``4096``.
+
+    Parameters
+    ----------
+    text : str, float or int
+        A number, optionally with ``_`` or ``,`` separators and a suffix
+        ``k``/``K`` (10³), ``M``/``m`` (10⁶) or ``B``/``b``/``G`` (10⁹).
+    what : str
+        The option named in error messages.
+
+    Returns
+    -------
+    int
+        The count, rounded down.
 
     Raises
     ------
@@ -145,7 +158,7 @@ def _take_steps(steps: _Steps, floors: list[int], budget: int) -> list[int]:
     """Buy steps best gain per parameter first (per layer in order), then cheaper ones that fit."""
     ranks = list(floors)
     order = np.lexsort((steps.order, steps.layer, -steps.gain_per_param))
-    next_step = {}
+    next_step: dict[int, int] = {}
     left = budget
     for position in order:
         layer = int(steps.layer[position])

@@ -1,4 +1,4 @@
-"""The CI gate's judgement: does an allocation of ranks stay within its limits?
+"""The CI gate's judgement: whether an allocation of ranks stays within its limits.
 
 Reading the config or adapter into an :class:`~svdrank.types.Allocation` is
 the formats stage's job (:mod:`svdrank.outputs.configs`); rendering the report
@@ -23,7 +23,7 @@ def check_allocation(
     min_energy: float | None = None,
     analysis: Analysis | None = None,
 ) -> CheckReport:
-    """Every violation of the limits given.
+    """Find every violation of the limits given.
 
     Parameters
     ----------
@@ -37,6 +37,12 @@ def check_allocation(
         energy, by ``analysis``.
     analysis : Analysis, optional
         Needed for ``min_energy``.
+
+    Returns
+    -------
+    CheckReport
+        The allocation, the limits and the violations; it passes when there
+        are none.
 
     Raises
     ------
@@ -62,7 +68,7 @@ def check_allocation(
 
 
 def _params_violations(allocation: Allocation, max_params: int) -> list[Violation]:
-    """The total parameter limit."""
+    """Judge the total parameter limit: one violation when the total exceeds it."""
     total = allocation.params
     if total is None:
         raise UsageError(
@@ -89,7 +95,7 @@ def _energy_violations(
 
 
 def _layer_for(module: str, analysis: Analysis) -> LayerResult:
-    """The analysis layer of a module, matching names up to a dotted prefix."""
+    """Find the analysis layer of a module, matching names up to a dotted prefix."""
     for layer in analysis.layers:
         if same_module(layer.module, module):
             return layer

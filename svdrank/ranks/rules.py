@@ -50,13 +50,25 @@ _RAW_RANKS: dict[str, Callable[[Spectrum, float, str], int]] = {
 
 
 def preset_rule(name: str) -> RankRule:
-    """The energy rule of a named preset."""
+    """Make the energy rule of a named preset.
+
+    Raises
+    ------
+    UsageError
+        If ``name`` is not a preset.
+    """
     check_choice(name, tuple(PRESETS), "preset")
     return RankRule("energy", PRESETS[name], name, preset=name)
 
 
 def energy_rule(target: float) -> RankRule:
-    """The energy rule of a custom target in (0, 1]."""
+    """Make the energy rule of a custom target.
+
+    Raises
+    ------
+    UsageError
+        If the target is outside (0, 1].
+    """
     check_target(target)
     return RankRule("energy", target, f"energy {target:g}")
 
@@ -87,12 +99,12 @@ def uniform_rule(rank: int) -> RankRule:
 
 
 def answerable_presets(analysis: Analysis) -> list[str]:
-    """The presets whose target the analysis's spectra reach (all three unless truncated low)."""
+    """List the presets whose target the analysis's spectra reach (all, unless truncated low)."""
     return [name for name, target in PRESETS.items() if target <= analysis.max_target]
 
 
 def standard_rules(analysis: Analysis) -> list[RankRule]:
-    """The rules shown when none is asked for: every preset the analysis can answer.
+    """Choose the rules shown when none is asked for: every preset the analysis can answer.
 
     An analysis run with ``--max-energy`` below every preset gets one energy
     rule at that highest answerable target instead.
@@ -104,7 +116,7 @@ def standard_rules(analysis: Analysis) -> list[RankRule]:
 
 
 def default_rule(analysis: Analysis) -> RankRule:
-    """The one rule used when a single plan is needed and none was asked for.
+    """Choose the one rule used when a single plan is needed and none was asked for.
 
     The balanced preset when the analysis can answer it, else the closest
     answerable one: the highest target its spectra reach.
@@ -115,7 +127,7 @@ def default_rule(analysis: Analysis) -> RankRule:
 
 
 def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSet:
-    """The plans tables, figures and the report show.
+    """Plan the ranks that tables, figures and the report show.
 
     Parameters
     ----------
@@ -123,6 +135,12 @@ def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSe
     chosen : list of RankRule, optional
         Default: :func:`standard_rules`. The marked plan is the
         :func:`default_rule`'s when it is among them, else the first.
+
+    Returns
+    -------
+    PlanSet
+        One plan per rule, the marked one, and the uniform-rank plans to
+        compare against.
     """
     asked = chosen or standard_rules(analysis)
     plans = tuple(plan(analysis, rule) for rule in asked)
@@ -133,7 +151,19 @@ def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSe
 
 
 def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
-    """The analysis restricted to modules matching any of the glob patterns.
+    """Restrict an analysis to the modules matching any of the glob patterns.
+
+    Parameters
+    ----------
+    analysis : Analysis
+    include : sequence of str
+        ``fnmatch`` patterns matched against full module names; none keeps
+        every layer.
+
+    Returns
+    -------
+    Analysis
+        The same analysis with only the matching layers.
 
     Raises
     ------
@@ -273,7 +303,7 @@ def recommend(
 def _budget(
     analysis: Analysis, budget: int | str | None, share: float | None, others: list
 ) -> int | None:
-    """The parameter budget the options ask for, if any."""
+    """Return the parameter budget the options ask for, if any."""
     if budget is None and share is None:
         return None
     if (budget is not None and share is not None) or any(v is not None for v in others):
@@ -295,7 +325,24 @@ def rules(
     sv_ratio: float | None = None,
     threshold: float | None = None,
 ) -> list[RankRule]:
-    """The rules the options ask for: one of them, or :func:`standard_rules`."""
+    """Make the rules the options ask for: the one given, or :func:`standard_rules`.
+
+    Parameters
+    ----------
+    analysis : Analysis
+        Decides the standard rules when no option is given.
+    energy, preset, sv_ratio, threshold : optional
+        At most one of them.
+
+    Returns
+    -------
+    list of RankRule
+
+    Raises
+    ------
+    UsageError
+        If more than one option is given or its value is out of range.
+    """
     given = [
         option
         for option, value in (

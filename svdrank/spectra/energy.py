@@ -49,7 +49,21 @@ def energy_curve(spectrum: Spectrum, metric: str = "fro") -> np.ndarray:
 
 
 def rank_at(spectrum: Spectrum, target: float, metric: str = "fro") -> int:
-    """The smallest k with E(k) ≥ target; 0 for an update that is exactly zero.
+    """Find the smallest rank k whose energy E(k) reaches ``target``.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+    target : float
+        The share of the update to keep, in (0, 1].
+    metric : {"fro", "nuclear"}
+        E(k) = Σᵢ≤ₖ σᵢ² / ‖ΔW‖_F² (``fro``) or Σᵢ≤ₖ σᵢ / Σσ (``nuclear``, complete
+        spectra only).
+
+    Returns
+    -------
+    int
+        k, or 0 for an update that is exactly zero.
 
     Raises
     ------
@@ -87,7 +101,13 @@ def retained_energy(spectrum: Spectrum, rank: int, metric: str = "fro") -> float
 
 
 def check_target(target: float) -> None:
-    """An energy target must lie in (0, 1]."""
+    """Check that an energy target lies in (0, 1].
+
+    Raises
+    ------
+    UsageError
+        If it does not, or is not a number.
+    """
     if not (isinstance(target, int | float) and 0.0 < target <= 1.0):
         raise UsageError(f"energy target must be in (0, 1], got {target}")
 
@@ -133,7 +153,24 @@ def rank_above(spectrum: Spectrum, floor: float, what: str) -> int:
 
 
 def rank_by_sv_ratio(spectrum: Spectrum, ratio: float) -> int:
-    """The number of σᵢ ≥ σ₁ / ratio (kohya's ``sv_ratio`` mode); ratio ≥ 1."""
+    """Count the σᵢ ≥ σ₁ / ratio (kohya's ``sv_ratio`` mode).
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+    ratio : float
+        At least 1.
+
+    Returns
+    -------
+    int
+        The count; 0 for an update that is exactly zero.
+
+    Raises
+    ------
+    UsageError
+        If ``ratio`` < 1, or a truncated spectrum stops above σ₁ / ratio.
+    """
     if not ratio >= 1.0:
         raise UsageError(f"--sv-ratio must be ≥ 1, got {ratio}")
     if spectrum.total_energy == 0.0:
@@ -142,7 +179,24 @@ def rank_by_sv_ratio(spectrum: Spectrum, ratio: float) -> int:
 
 
 def rank_by_threshold(spectrum: Spectrum, threshold: float) -> int:
-    """The number of σᵢ ≥ threshold (LyCORIS' absolute threshold mode); threshold > 0."""
+    """Count the σᵢ ≥ threshold (LyCORIS' absolute threshold mode).
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+    threshold : float
+        Greater than 0.
+
+    Returns
+    -------
+    int
+        The count; 0 for an update that is exactly zero.
+
+    Raises
+    ------
+    UsageError
+        If ``threshold`` ≤ 0, or a truncated spectrum stops above it.
+    """
     if not threshold > 0.0:
         raise UsageError(f"--threshold must be > 0, got {threshold}")
     if spectrum.total_energy == 0.0:

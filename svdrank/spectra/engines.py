@@ -43,7 +43,7 @@ def decompose(
     total: float | None = None,
     expect_slow: bool = False,
 ) -> Spectrum:
-    """The spectrum of one layer's update, by the engine the settings ask for.
+    """Compute the spectrum of one layer's update by the engine the settings ask for.
 
     ``auto`` sends small layers (min(m, n) ≤ EXACT_BELOW) to ``exact`` and the
     rest to adaptive ``randomized``, whose first sketch doubles as a decay
@@ -102,14 +102,14 @@ def _as_float64(values: np.ndarray) -> np.ndarray:
 
 
 def _complete_spectrum(delta: np.ndarray, total: float) -> Spectrum:
-    """The whole spectrum by the cheaper complete engine: exact when small, else Gram."""
+    """Compute the whole spectrum by the cheaper complete engine: exact when small, else Gram."""
     if min(delta.shape) <= EXACT_BELOW:
         return Spectrum(_as_float64(exact_values(delta)), total, True, "exact")
     return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
 
 
 def truncation_limit(shape: tuple[int, int]) -> int:
-    """The largest sketch width worth using before a complete engine is cheaper."""
+    """Return the largest sketch width worth using before a complete engine is cheaper."""
     return int(TRUNCATED_SHARE * min(shape))
 
 
@@ -132,7 +132,7 @@ def _adaptive_randomized(
 def _gram_first(
     delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
 ) -> Spectrum:
-    """auto for a layer expected to decay slowly: form the Gram matrix G once, then decide.
+    """Run ``auto`` on a layer expected to decay slowly: form the Gram matrix G, then decide.
 
     The sketch runs on G (n×n) instead of ΔW (m×n): each product costs 2n²w
     flops instead of 4mnw, and one pass of G is one pass of ΔWᵀΔW, so the same
@@ -203,13 +203,29 @@ def _adaptive_lanczos(
 
 
 def next_k(values: np.ndarray, total: float, energy: float, size: int) -> int:
-    """The next k to try: at least double, more when the decay predicts it.
+    """Predict the next k to try: at least double, more when the decay predicts it.
 
     Fits σᵢ ≈ c·i^(−β) to the lower three quarters of the values computed,
     extrapolates the energy of the tail, and returns 1.25x the k at which the
     extrapolated curve reaches ``energy`` (``size`` when it never does). A
     slow decay thus jumps straight past the truncation limit to a complete
     engine instead of sketching in vain.
+
+    Parameters
+    ----------
+    values : ndarray
+        The k singular values computed so far, in decreasing order.
+    total : float
+        ‖ΔW‖_F².
+    energy : float
+        The share of ``total`` the values must hold.
+    size : int
+        min(m, n): the number of singular values there are.
+
+    Returns
+    -------
+    int
+        At least 2k.
     """
     k = values.size
     doubled = 2 * k

@@ -141,10 +141,19 @@ def gram_spectrum(gram: np.ndarray) -> np.ndarray:
 
 
 def smaller_gram(delta: np.ndarray) -> np.ndarray:
-    """The lower triangle of ΔWᵀΔW or ΔWΔWᵀ, whichever is smaller, by one SYRK, no copy.
+    """Form the lower triangle of ΔWᵀΔW or ΔWΔWᵀ, whichever is smaller, by one SYRK.
 
-    Fortran-ordered, strict upper triangle zero; pass ``symmetric=True`` to
-    :func:`times` to multiply by the whole matrix. The GIL is released.
+    ΔW is not copied and the GIL is released.
+
+    Parameters
+    ----------
+    delta : ndarray, shape (m, n), float32 or float64
+
+    Returns
+    -------
+    ndarray, shape (min(m, n), min(m, n))
+        Fortran-ordered, strict upper triangle zero; pass ``symmetric=True``
+        to :func:`times` to multiply by the whole matrix.
     """
     return nogil.gram_lower(delta)
 

@@ -34,7 +34,7 @@ _PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
 
 
 def _capsule_api():
-    """ctypes views of PyCapsule_GetName and PyCapsule_GetPointer."""
+    """Set up ctypes views of PyCapsule_GetName and PyCapsule_GetPointer."""
     api = ctypes.pythonapi
     api.PyCapsule_GetName.restype = ctypes.c_char_p
     api.PyCapsule_GetName.argtypes = [ctypes.py_object]
@@ -44,12 +44,12 @@ def _capsule_api():
 
 
 def _signature(capsule_name: bytes) -> str:
-    """A capsule's C signature with Cython's scalar aliases shortened to s and d."""
+    """Return a capsule's C signature with Cython's scalar aliases shortened to s and d."""
     return re.sub(r"__pyx_t_\w+?cython_(?:blas|lapack)_([sd])\b", r"\1", capsule_name.decode())
 
 
 def _routine(module, name: str, signature: str, restype=None) -> Callable | None:
-    """A ctypes function for an exported routine, if its C signature is the expected one.
+    """Wrap an exported routine as a ctypes function, if its C signature is the expected one.
 
     ``signature`` uses ``X`` for the routine's own scalar type (s or d). Any
     other signature (a future SciPy) gives None, and the caller falls back.
@@ -77,7 +77,7 @@ _DSDOT = _routine(cython_blas, "dsdot", "X (int *, s *, int *, s *, int *)", cty
 
 
 def _ref(value, ctype) -> ctypes.c_void_p:
-    """A pointer to a fresh C scalar (Fortran passes every argument by reference)."""
+    """Point to a fresh C scalar (Fortran passes every argument by reference)."""
     return ctypes.cast(ctypes.pointer(ctype(value)), ctypes.c_void_p)
 
 
@@ -86,9 +86,16 @@ def _data(array: np.ndarray) -> ctypes.c_void_p:
 
 
 def gram_lower(delta: np.ndarray) -> np.ndarray:
-    """The lower triangle of ΔWᵀΔW or ΔWΔWᵀ, whichever is smaller (SYRK, GIL released).
+    """Form the lower triangle of ΔWᵀΔW or ΔWΔWᵀ, whichever is smaller (SYRK, GIL released).
 
-    Returns a Fortran-ordered square matrix whose strict upper triangle is zero.
+    Parameters
+    ----------
+    delta : ndarray, shape (m, n), float32 or float64
+
+    Returns
+    -------
+    ndarray, shape (min(m, n), min(m, n))
+        Fortran-ordered; its strict upper triangle is zero.
     """
     m, n = delta.shape
     wants_columns = m >= n  # ΔWᵀΔW is the smaller one
