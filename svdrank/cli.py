@@ -8,6 +8,7 @@ commands that use them.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -37,6 +38,8 @@ from svdrank.ranks.checks import check_allocation
 from svdrank.types import Analysis, PlanSet, RankPlan
 
 err_console = Console(stderr=True)
+INTERNAL_ERROR = 3
+"""Exit code of a bug: an exception outside the SvdrankError family (not bad input)."""
 
 
 def say(message: str) -> None:
@@ -61,6 +64,17 @@ class _Group(TyperGroup):
         except KeyboardInterrupt:
             say("svdrank: interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except (ClickException, typer.Exit):
+            raise
+        except Exception as exc:
+            if os.environ.get("SVDRANK_DEBUG") == "1":
+                raise
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+            say(
+                f"svdrank: internal error: {detail} — please report it; "
+                "SVDRANK_DEBUG=1 shows the traceback"
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     def main(
         self,
@@ -298,14 +312,19 @@ def _rank_text(
         return formats.plans_csv(plans)
     if chosen == "markdown":
         return formats.plans_markdown(plans)
+    chosen_plan, note = plans[0], ""
     if len(plans) > 1:
         default = rules.default_rule(analysis)
-        say(f"svdrank: no rule given: writing the {default.label} plan ({default.value:.2f})")
-        plans = [next(item for item in plans if item.rule == default)]
+        chosen_plan = next(item for item in plans if item.rule == default)
+        note = f"svdrank: no rule given: writing the {default.label} plan ({default.value:.2f})"
     if chosen == "peft":
         ratio = formats.DEFAULT_ALPHA_RATIO if alpha_ratio is None else alpha_ratio
-        return dumps(formats.peft_record(plans[0], ratio))
-    return dumps(formats.ranks_record(plans[0], source))
+        text = dumps(formats.peft_record(chosen_plan, ratio))
+    else:
+        text = dumps(formats.ranks_record(chosen_plan, source))
+    if note:
+        say(note)
+    return text
 
 
 @app.command()

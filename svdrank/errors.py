@@ -27,3 +27,7 @@ class AnalysisFileError(SvdrankError):
 
 class UsageError(SvdrankError):
     """An option value is out of range or options contradict each other."""
+
+
+class OutputError(SvdrankError):
+    """An output cannot be written (read-only folder, full disk, a file where a folder goes)."""

@@ -12,12 +12,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from svdrank.errors import SvdrankError, UsageError
+from svdrank.errors import OutputError, SvdrankError, UsageError
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -166,18 +169,98 @@ def check_writable(path: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write a file through a temporary file and a rename: readers never see half of it."""
-    check_writable(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    """Write a text file through a temporary file and a rename: readers never see half of it.
+
+    Raises
+    ------
+    UsageError
+        If the folder does not exist or the path is a folder.
+    OutputError
+        If writing fails (read-only folder, full disk, …); nothing is left behind.
+    """
+    write_files_atomically({path: lambda stream: stream.write(text.encode("utf-8"))})
+
+
+def write_files_atomically(writers: Mapping[Path, Callable[[BinaryIO], object]]) -> list[Path]:
+    """Write several files as one: all of them appear, or none does.
+
+    Each file is written by its writer into a temporary file beside it, synced,
+    and renamed into place only once every file is complete; a failure
+    anywhere removes every temporary file and leaves existing files as they
+    were.
+
+    Parameters
+    ----------
+    writers : mapping of Path to callable
+        For each destination, a function that writes the content to a binary stream.
+
+    Returns
+    -------
+    list of Path
+        The destinations, in order.
+
+    Raises
+    ------
+    UsageError
+        If a destination's folder does not exist or the destination is a folder.
+    OutputError
+        If writing fails (read-only folder, full disk, …).
+    """
+    temporaries: dict[Path, Path] = {}
+    current = Path(".")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        for current, write in writers.items():
+            check_writable(current)
+            temporaries[current] = _write_temporary(current, write)
+        for current, temporary in temporaries.items():
+            os.replace(temporary, current)
+    except OSError as exc:
+        raise OutputError(f"{current}: cannot be written ({_reason(exc)})") from None
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+    return list(writers)
+
+
+def _write_temporary(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write one file's content to a synced temporary file beside it; return that file."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+@contextmanager
+def output_directory(directory: Path) -> Iterator[Path]:
+    """Provide ``directory`` as a folder to write into, removed again if new and the writing fails.
+
+    Raises
+    ------
+    UsageError
+        If the path exists and is not a folder.
+    OutputError
+        If the folder cannot be created.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory}: exists and is not a folder; give a folder for the output")
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot be created ({_reason(exc)})") from None
+    try:
+        yield directory
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
         raise
 
 

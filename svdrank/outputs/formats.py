@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections import Counter
 from dataclasses import asdict
 from typing import Any
@@ -153,6 +154,8 @@ def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -
     UsageError
         If every layer got rank 0, leaving nothing to target.
     """
+    if not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
+        raise UsageError(f"--alpha-ratio must be a finite number > 0, got {alpha_ratio}")
     targeted = [item for item in rank_plan.layers if item.rank > 0]
     if not targeted:
         raise UsageError("every layer got rank 0 (the updates are zero): nothing to target")

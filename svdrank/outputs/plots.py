@@ -9,8 +9,10 @@ them under deterministic names.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from matplotlib import colormaps
@@ -22,7 +24,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
 from svdrank.errors import UsageError
-from svdrank.outputs.report import summary_table_html, write_html_report
+from svdrank.files import output_directory, write_files_atomically
+from svdrank.outputs.report import html_report, summary_table_html
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import energy_curve
 from svdrank.types import Analysis, LayerResult, PlanSet, RankPlan
@@ -361,17 +364,25 @@ def make_figures(analysis: Analysis, plans: PlanSet) -> Figures:
     return figures
 
 
-def write_figures(figures: Figures, directory: Path, image_format: str = "png") -> list[Path]:
-    """Save every figure as DIR/STEM.FORMAT; returns the paths in order."""
+def figure_writers(
+    figures: Figures, directory: Path, image_format: str = "png"
+) -> dict[Path, Callable[[BinaryIO], object]]:
+    """Map DIR/STEM.FORMAT of every figure to the function that writes it."""
     if image_format not in FORMATS:
         raise UsageError(f"unknown image format {image_format!r}; choose png, svg or pdf")
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for stem, figure in figures.items():
-        path = directory / f"{stem}.{image_format}"
-        figure.savefig(path, format=image_format, metadata=_metadata(image_format))
-        paths.append(path)
-    return paths
+    return {
+        directory / f"{stem}.{image_format}": partial(
+            figure.savefig, format=image_format, metadata=_metadata(image_format)
+        )
+        for stem, figure in figures.items()
+    }
+
+
+def write_figures(figures: Figures, directory: Path, image_format: str = "png") -> list[Path]:
+    """Save every figure as DIR/STEM.FORMAT, all or none; return the paths in order."""
+    writers = figure_writers(figures, directory, image_format)
+    with output_directory(directory):
+        return write_files_atomically(writers)
 
 
 def _metadata(image_format: str) -> dict:
@@ -407,11 +418,9 @@ def plot_analysis(
     """
     figures = make_figures(analysis, plans)
     directory = Path(directory)
-    paths = write_figures(figures, directory, image_format)
+    writers = figure_writers(figures, directory, image_format)
     if report:
-        paths.append(
-            write_html_report(
-                figures, summary_table_html(plans.chosen), directory / "report.html"
-            )
-        )
-    return paths
+        page = html_report(figures, summary_table_html(plans.chosen)).encode("utf-8")
+        writers[directory / "report.html"] = lambda stream: stream.write(page)
+    with output_directory(directory):
+        return write_files_atomically(writers)

@@ -10,7 +10,6 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from matplotlib.figure import Figure
 
@@ -31,8 +30,8 @@ def summary_table_html(plans: Sequence[RankPlan]) -> str:
     )
 
 
-def write_html_report(figures: Mapping[str, Figure], summary: str, path: Path) -> Path:
-    """One self-contained HTML file: the summary table and every figure as an inline PNG."""
+def html_report(figures: Mapping[str, Figure], summary: str) -> str:
+    """Render one self-contained HTML page: the summary table and every figure as an inline PNG."""
     sections = []
     for stem, figure in figures.items():
         buffer = io.BytesIO()
@@ -49,6 +48,4 @@ def write_html_report(figures: Mapping[str, Figure], summary: str, path: Path) -
         "img{max-width:100%}td,th{padding:2px 10px;text-align:right}</style></head><body>\n"
         f"<h1>svdrank report</h1>\n{summary}\n{body}\n</body></html>\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return page

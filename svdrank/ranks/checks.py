@@ -52,6 +52,8 @@ def check_allocation(
     """
     if max_params is None and max_rank is None and min_energy is None:
         raise UsageError("give at least one limit: --max-params, --max-rank or --min-energy")
+    if max_rank is not None and max_rank < 0:
+        raise UsageError(f"--max-rank must be ≥ 0, got {max_rank}")
     violations: list[Violation] = []
     if max_params is not None:
         violations += _params_violations(allocation, max_params)
