@@ -48,8 +48,13 @@ def say(message: str) -> None:
 
 
 def report_error(message: str) -> None:
-    """Print one ``svdrank: error:`` line on stderr."""
-    say(f"svdrank: error: {message}")
+    """Print one ``svdrank: error:`` line on stderr, control characters escaped."""
+    say(f"svdrank: error: {printable(message)}")
+
+
+def printable(text: str) -> str:
+    """Escape what a terminal would not show as one line (newlines, escapes, other controls)."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 class _Group(TyperGroup):
@@ -320,6 +325,12 @@ def _rank_text(
     if chosen == "peft":
         ratio = formats.DEFAULT_ALPHA_RATIO if alpha_ratio is None else alpha_ratio
         text = dumps(formats.peft_record(chosen_plan, ratio))
+        left_out = formats.peft_untargeted(chosen_plan)
+        if left_out:
+            say(
+                f"svdrank: {len(left_out)} fused expert matrices ({left_out[0]}, …) have ranks "
+                "that a PEFT config cannot target per expert; they are left out"
+            )
     else:
         text = dumps(formats.ranks_record(chosen_plan, source))
     if note:

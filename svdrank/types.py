@@ -107,7 +107,10 @@ class Layer:
 
     ``shape`` is the matrix shape analysed: a conv kernel (out, in, kh, kw) is
     analysed as (out, in·kh·kw). ``role`` is ``linear``, ``embedding``,
-    ``lm_head`` or ``conv``.
+    ``lm_head`` or ``conv``. ``stack``, ``block``, ``expert`` and ``kind``
+    place the module in the model (see :func:`svdrank.inputs.names.name_modules`).
+    ``part`` is the expert's index along the first axis of a fused 3-D expert
+    tensor ``[experts, out, in]``; None for a stored matrix.
     """
 
     name: str
@@ -118,6 +121,9 @@ class Layer:
     role: str
     base: TensorInfo
     tuned: TensorInfo
+    stack: str = ""
+    expert: int | None = None
+    part: int | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,9 @@ class LayerResult:
     kind, block, role
         The module's kind (its path inside its block), block index (None
         outside every block) and role (linear, embedding, lm_head, conv).
+    stack, expert
+        Which stack of blocks (empty when the model has one) and which
+        expert of a mixture-of-experts block (None outside experts).
     shape : tuple of int
         (m, n) of the matrix analysed.
     dtype : str
@@ -234,6 +243,8 @@ class LayerResult:
     base_norm: float | None
     spectrum: Spectrum
     seconds: float = 0.0
+    stack: str = ""
+    expert: int | None = None
 
     @property
     def full_params(self) -> int:
@@ -280,12 +291,17 @@ class Analysis:
     def max_target(self) -> float:
         """The highest energy target every layer's spectrum can answer.
 
-        1.0 when every spectrum is complete; else the ``max_energy`` the
-        truncated engines stopped at.
+        1.0 when every spectrum is complete; else the least share of ‖ΔW‖_F²
+        that a truncated spectrum holds (at least the ``max_energy`` its engine
+        was asked for, often more).
         """
-        if all(layer.spectrum.complete for layer in self.layers):
-            return 1.0
-        return self.settings.engine.max_energy
+        reached = [
+            float(np.cumsum(np.square(layer.spectrum.values, dtype=np.float64))[-1])
+            / layer.spectrum.total_energy
+            for layer in self.layers
+            if not layer.spectrum.complete and layer.spectrum.total_energy > 0
+        ]
+        return min([1.0, *reached])
 
 
 @dataclass(frozen=True)

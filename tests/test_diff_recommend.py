@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from svdrank.analysis.file import ANALYSIS_SCHEMA
+from svdrank.cli import app
 from svdrank.spectra.energy import rank_at
 from svdrank.types import Spectrum
 from tests.conftest import SAMPLES, assert_one_line_error, write_checkpoint
@@ -40,13 +42,24 @@ def _reference_ranks(target: float) -> dict[str, int]:
     return ranks
 
 
-@pytest.fixture
-def analysis_file(tmp_path, run_cli, monkeypatch):
-    """Run `svdrank diff` on the sample pair in a temporary working directory."""
-    monkeypatch.chdir(tmp_path)
-    result = run_cli("diff", BASE, SAMPLES / "tuned-sharded", "--format", "json")
+@pytest.fixture(scope="module")
+def shared_analysis(tmp_path_factory):
+    """Run `svdrank diff` on the sample pair once, in a temporary working directory."""
+    directory = tmp_path_factory.mktemp("analysis")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        result = CliRunner().invoke(
+            app, ["diff", str(BASE), str(SAMPLES / "tuned-sharded"), "--format", "json"]
+        )
     assert result.exit_code == 0, result.stderr
-    return tmp_path / "svdrank-analysis.json"
+    return directory / "svdrank-analysis.json"
+
+
+@pytest.fixture
+def analysis_file(shared_analysis, monkeypatch):
+    """The shared analysis, in the working directory (its default path) during the test."""
+    monkeypatch.chdir(shared_analysis.parent)
+    return shared_analysis
 
 
 def test_diff_writes_a_versioned_analysis_file(analysis_file):
@@ -246,7 +259,8 @@ def test_failed_diff_keeps_the_previous_analysis_file(analysis_file, run_cli, tm
 
     assert_one_line_error(run_cli("diff", BASE, bad), "no layers in common")
     assert analysis_file.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".svdrank")] == []
+    leftovers = analysis_file.parent.iterdir()
+    assert [p.name for p in leftovers if p.name.startswith(".svdrank")] == []
 
 
 def test_nan_in_an_update_is_one_line_error_naming_the_layer(tmp_path, run_cli):
@@ -268,7 +282,7 @@ def test_include_and_exclude_select_modules(tmp_path, run_cli):
     run_cli("diff", BASE, TUNED, "-o", out, "--include", "*.self_attn.*", "--exclude", "*.q_proj")
 
     kinds = {layer["kind"] for layer in json.loads(out.read_text())["layers"]}
-    assert kinds == {"k_proj", "v_proj", "o_proj"}
+    assert kinds == {"self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
 
 
 @pytest.mark.parametrize("engine", ["exact", "gram", "randomized", "lanczos"])

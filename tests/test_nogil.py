@@ -72,6 +72,7 @@ def test_fallbacks_give_the_same_numbers(monkeypatch):
     assert nogil.sum_of_squares_f32(matrix) is None
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("call", ["syrk", "syevr"])
 def test_the_calls_release_the_gil(call):
     """While the call runs in one thread, another thread goes on executing Python code."""

@@ -8,7 +8,7 @@ import pytest
 
 from svdrank.errors import PairingError
 from svdrank.inputs.checkpoint import open_checkpoint
-from svdrank.inputs.names import block_of
+from svdrank.inputs.names import name_modules
 from svdrank.inputs.pairing import find_prefixes, pair_checkpoints
 from tests.conftest import SAMPLES, write_checkpoint
 
@@ -104,7 +104,7 @@ def test_layer_vocabulary_module_kind_block_and_role(tmp_path):
     q = layers[Q11]
     assert (q.module, q.kind, q.block, q.role) == (
         "model.layers.11.self_attn.q_proj",
-        "q_proj",
+        "self_attn.q_proj",
         11,
         "linear",
     )
@@ -136,7 +136,7 @@ def test_no_layers_in_common_is_a_pairing_error(tmp_path):
     ],
 )
 def test_block_is_the_first_integer_component(name, block):
-    assert block_of(name) == block
+    assert name_modules([name])[name].block == block
 
 
 def test_sample_pair_has_the_layers_and_skips_it_was_built_with():

@@ -53,7 +53,7 @@ def test_energy_curves_one_curve_per_layer_and_marks_the_chosen_ranks(sample):
     axes = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
     nonzero = [item for item in balanced.layers if item.layer.spectrum.total_energy > 0]
     for kind, ax in axes.items():
-        expected = [item for item in nonzero if item.layer.kind == kind]
+        expected = [item for item in nonzero if item.layer.kind.rsplit(".", 1)[-1] == kind]
         curves = _curves(ax)
         assert len(curves) == len(expected)
         marks = _marks(ax)
@@ -93,7 +93,7 @@ def test_singular_value_decay_has_a_curve_per_nonzero_layer(sample):
     curves = sum(len(_curves(ax)) for ax in figure.axes if ax.get_title())
     assert curves == sum(1 for layer in sample.layers if layer.spectrum.total_energy > 0)
     q_proj = next(ax for ax in figure.axes if ax.get_title() == "q_proj")
-    first = next(layer for layer in sample.layers if layer.kind == "q_proj")
+    first = next(layer for layer in sample.layers if layer.kind == "self_attn.q_proj")
     np.testing.assert_allclose(
         _curves(q_proj)[0][:, 1], first.spectrum.values / first.spectrum.values[0]
     )

@@ -29,7 +29,7 @@ from svdrank.inputs.adapter import (
     read_adapter_config,
 )
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
-from svdrank.inputs.names import block_of, kind_of, role_of, selected
+from svdrank.inputs.names import ModuleName, name_modules, role_of, selected
 from svdrank.spectra.kernels import check_finite, exact_values
 from svdrank.types import Analysis, AnalysisSettings, LayerResult, Skipped, Spectrum
 
@@ -81,36 +81,40 @@ def analyze_adapter(path: str | Path, settings: AnalysisSettings | None = None) 
             chosen.append(lora)
         else:
             skipped.append(Skipped(lora.module, "excluded"))
+    names = name_modules([lora.module for lora in chosen])
     if not chosen:
         raise PairingError(f"{directory}: no adapter module matches --include/--exclude")
     return Analysis(
         inputs={"adapter": describe_input(weights), "config": str(directory / CONFIG_NAME)},
         settings=settings,
-        layers=tuple(_adapter_layer(weights, lora, config) for lora in chosen),
+        layers=tuple(_adapter_layer(weights, lora, config, names[lora.module]) for lora in chosen),
         skipped=tuple(skipped),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def _adapter_layer(weights: Checkpoint, lora: LoraModule, config: AdapterConfig) -> LayerResult:
-    """One module's spectrum from its LoRA factors."""
+def _adapter_layer(
+    weights: Checkpoint, lora: LoraModule, config: AdapterConfig, name: ModuleName
+) -> LayerResult:
+    """Compute one module's spectrum from its LoRA factors."""
     started = time.perf_counter()
     b, a = lora_factors(weights, lora)
     check_finite(a, lora.a)
     check_finite(b, lora.b)
     values = lora_values(b, a, config.scale(lora.module, a.shape[0]))
     energy = float(np.sum(np.square(values)))
-    kind = kind_of(lora.module)
     return LayerResult(
         module=lora.module,
         name=lora.module,
-        kind=kind,
-        block=block_of(lora.module),
-        role=role_of(kind, 2),
+        kind=name.kind,
+        block=name.block,
+        role=role_of(lora.module.rsplit(".", 1)[-1], 2),
         shape=(b.shape[0], a.shape[1]),
         dtype=weights.tensors[lora.a].dtype,
         delta_norm=math.sqrt(energy),
         base_norm=None,
         spectrum=Spectrum(values, energy, True, "lora"),
         seconds=time.perf_counter() - started,
+        stack=name.stack,
+        expert=name.expert,
     )

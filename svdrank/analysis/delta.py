@@ -50,8 +50,8 @@ def form_delta(layer: Layer) -> FormedDelta:
         If ΔW holds NaN or Inf.
     """
     rows, columns = layer.shape
-    base = read_tensor_view(layer.base).reshape(rows, columns)
-    tuned = read_tensor_view(layer.tuned).reshape(rows, columns)
+    base = _matrix(read_tensor_view(layer.base), layer)
+    tuned = _matrix(read_tensor_view(layer.tuned), layer)
     wide = np.float64 if "F64" in (layer.base.dtype, layer.tuned.dtype) else np.float32
     delta = np.empty(layer.shape, dtype=wide)
     row_bytes = max(columns * max(base.itemsize, tuned.itemsize), 1)
@@ -65,3 +65,10 @@ def form_delta(layer: Layer) -> FormedDelta:
         forget_pages(base[chunk])
     energy = require_finite(sum_of_squares(delta), layer.name)
     return FormedDelta(delta, energy, math.sqrt(base_energy))
+
+
+def _matrix(stored: np.ndarray, layer: Layer) -> np.ndarray:
+    """View a stored tensor as the layer's matrix: one expert of a fused tensor, or reshaped."""
+    if layer.part is not None:
+        stored = stored[layer.part]
+    return stored.reshape(layer.shape)

@@ -197,17 +197,17 @@ def _analyze_layers(
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="svdrank-svd")
     in_flight: deque[tuple[Layer, Future[LayerResult]]] = deque()
-    last_alike: dict[tuple[str, tuple[int, int]], Future[LayerResult]] = {}
+    last_alike: dict[tuple[str, str, tuple[int, int]], Future[LayerResult]] = {}
     try:
         next_read = reader.submit(form_delta, layers[0])
         for index, layer in enumerate(layers):
             formed = next_read.result()
             if len(in_flight) == workers:
                 yield _finish(*in_flight.popleft(), report)
-            alike = last_alike.get((layer.kind, layer.shape))
+            alike = last_alike.get((layer.stack, layer.kind, layer.shape))
             hint = alike is not None and needed_complete(alike.result().spectrum)
             task = pool.submit(_analyze_layer, layer, formed, index, settings, hint)
-            last_alike[(layer.kind, layer.shape)] = task
+            last_alike[(layer.stack, layer.kind, layer.shape)] = task
             in_flight.append((layer, task))
             del formed
             if index + 1 < len(layers):
@@ -249,6 +249,8 @@ def _analyze_layer(
         base_norm=formed.base_norm,
         spectrum=spectrum,
         seconds=time.perf_counter() - started,
+        stack=layer.stack,
+        expert=layer.expert,
     )
 
 

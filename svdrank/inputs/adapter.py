@@ -7,17 +7,20 @@ into spectra.
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from svdrank.errors import CheckpointError
+from svdrank.errors import CheckpointError, SvdrankError
+from svdrank.files import read_json_object
 from svdrank.inputs.checkpoint import Checkpoint
-from svdrank.inputs.names import natural_key, pattern_key
+from svdrank.inputs.names import natural_key, pattern_key, peft_targeted
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,27 +66,135 @@ def adapter_directory(path: str | Path) -> Path:
 
 
 def read_adapter_config(directory: Path) -> AdapterConfig:
-    """Parse adapter_config.json.
+    """Parse and check adapter_config.json (see :func:`lora_config` for the rules).
 
     Raises
     ------
     CheckpointError
-        If the file is missing, not JSON, or not a LoRA config.
+        If the file is missing, not JSON, or not a valid LoRA config; the
+        message names the file and the field.
     """
     path = directory / CONFIG_NAME
+    record = read_json_object(path, "adapter config", CheckpointError)
+    return lora_config(record, path, CheckpointError)
+
+
+_Value = TypeVar("_Value", int, float)
+
+
+class _FieldError(SvdrankError):
+    """One field of a LoRA config is wrong; the message names it (the caller adds the file)."""
+
+
+def lora_config(record: dict[str, Any], path: Path, error: type[SvdrankError]) -> AdapterConfig:
+    r"""Check the LoRA fields of a PEFT config (``LoraConfig``'s keyword arguments) and read them.
+
+    ``r`` is a whole number ≥ 1; ``lora_alpha`` (default: ``r``) a finite number
+    > 0; ``use_rslora`` true or false; ``rank_pattern`` an object of whole
+    numbers ≥ 1 and ``alpha_pattern`` one of finite numbers > 0 (null reads as
+    empty), each key a regular expression PEFT can compile in
+    ``re.match(rf"(.*\.)?({key})$", module)``.
+
+    Parameters
+    ----------
+    record : dict
+        The decoded JSON object.
+    path : Path
+        The file it came from, for messages.
+    error : type of SvdrankError
+        What to raise: CheckpointError for an adapter's config, AnalysisFileError
+        for a config ``check`` judges.
+
+    Returns
+    -------
+    AdapterConfig
+
+    Raises
+    ------
+    SvdrankError
+        An ``error`` naming the file and the field, for a missing ``r`` or a
+        field of the wrong type, out of range, or with a key that is not a
+        regular expression.
+    """
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        return AdapterConfig(
-            r=int(record["r"]),
-            lora_alpha=float(record.get("lora_alpha", record["r"])),
-            use_rslora=bool(record.get("use_rslora", False)),
-            rank_pattern=dict(record.get("rank_pattern") or {}),
-            alpha_pattern=dict(record.get("alpha_pattern") or {}),
-        )
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable adapter config ({exc})") from exc
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a LoRA adapter config (bad or missing {exc})") from exc
+        return _lora_config(record)
+    except _FieldError as exc:
+        raise error(f"{path}: {exc}") from None
+
+
+def lora_targets(record: dict[str, Any], path: Path, error: type[SvdrankError]) -> str | list[str]:
+    """Check and return ``target_modules``: a regular expression, or a non-empty list of names.
+
+    Raises
+    ------
+    SvdrankError
+        An ``error`` naming the file and ``target_modules`` when it is missing,
+        of another type, an empty list, or a string that is not a regular expression.
+    """
+    targets = record.get("target_modules")
+    if isinstance(targets, str) and _compiles(peft_targeted, targets):
+        return targets
+    if isinstance(targets, list) and targets and all(isinstance(name, str) for name in targets):
+        return targets
+    raise error(
+        f"{path}: target_modules: must be a regular expression or a non-empty list of module "
+        f"names, got {targets!r:.60}"
+    )
+
+
+def _lora_config(record: dict[str, Any]) -> AdapterConfig:
+    """Read the checked LoRA fields of a config."""
+    if "r" not in record:
+        raise _FieldError("r: missing; not a LoRA config")
+    r = _rank(record["r"], "r")
+    use_rslora = record.get("use_rslora", False)
+    if type(use_rslora) is not bool:
+        raise _FieldError(f"use_rslora: must be true or false, got {use_rslora!r:.60}")
+    return AdapterConfig(
+        r=r,
+        lora_alpha=_alpha(record.get("lora_alpha", r), "lora_alpha"),
+        use_rslora=use_rslora,
+        rank_pattern=_patterns(record, "rank_pattern", _rank),
+        alpha_pattern=_patterns(record, "alpha_pattern", _alpha),
+    )
+
+
+def _patterns(
+    record: dict[str, Any], field: str, check: Callable[[Any, str], _Value]
+) -> dict[str, _Value]:
+    """Check a pattern field: keys PEFT can compile, values that pass ``check``; null is empty."""
+    patterns = record.get(field)
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, dict):
+        raise _FieldError(f"{field}: must be an object of module patterns, got {patterns!r:.60}")
+    for key in patterns:
+        if not _compiles(pattern_key, {key: None}):
+            raise _FieldError(f"{field}: key {key!r:.60} is not a regular expression")
+    return {key: check(value, f"{field}[{key!r:.60}]") for key, value in patterns.items()}
+
+
+def _rank(value: Any, field: str) -> int:
+    """Check a LoRA rank: a whole number ≥ 1 (never a bool or a float)."""
+    if type(value) is int and value >= 1:
+        return value
+    raise _FieldError(f"{field}: must be a whole number ≥ 1, got {value!r:.60}")
+
+
+def _alpha(value: Any, field: str) -> float:
+    """Check a LoRA alpha: a finite number > 0 (an integer too large for a float is not)."""
+    if type(value) in (int, float) and 0 < value <= sys.float_info.max:
+        return float(value)
+    raise _FieldError(f"{field}: must be a finite number > 0, got {value!r:.60}")
+
+
+def _compiles(match: Callable[[Any, str], object], pattern: Any) -> bool:
+    """Whether ``pattern`` compiles as a regular expression, tried by the match PEFT makes."""
+    try:
+        match(pattern, "")
+    except (re.error, OverflowError, RecursionError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

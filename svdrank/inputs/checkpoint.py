@@ -130,7 +130,7 @@ def read_tensor_view(info: TensorInfo) -> np.ndarray:
     granularity = mmap.ALLOCATIONGRANULARITY
     aligned = info.start - info.start % granularity
     try:
-        with open(info.file, "rb") as handle:
+        with open_regular(info.file, CheckpointError) as handle:
             mapped = mmap.mmap(
                 handle.fileno(),
                 length=info.start - aligned + info.nbytes,
@@ -196,8 +196,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     kind = kind_of_path(path, CheckpointError)
     weight_map: dict[str, str] = {}
+    index = path
     if kind == "directory":
-        files, weight_map = _files_of_directory(path)
+        files, weight_map, index = _files_of_directory(path)
     elif kind != "file":
         raise CheckpointError(f"{path}: is {kind}, not a checkpoint file or directory")
     elif path.name.endswith(INDEX_SUFFIX) or path.suffix == ".json":
@@ -214,7 +215,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                     f"{tensors[info.name].file.name} and {file.name}"
                 )
             tensors[info.name] = info
-    _check_weight_map(path, weight_map, tensors)
+    _check_weight_map(index, weight_map, tensors)
     return Checkpoint(path=path, files=files, tensors=tensors)
 
 
@@ -240,14 +241,18 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _files_of_directory(directory: Path) -> tuple[tuple[Path, ...], dict[str, str]]:
+def _files_of_directory(directory: Path) -> tuple[tuple[Path, ...], dict[str, str], Path]:
     """Find the shards of a directory: those its index names, else every .safetensors file.
+
+    Returns the shards, the index's weight_map (empty without an index) and the
+    index file (the directory without one), which messages about the map name.
 
     Only regular files count (after symlinks): a FIFO or a folder named
     ``x.safetensors`` is not a shard, and an index that is not a regular file
     is refused.
     """
-    indexes = sorted(directory.glob(f"*{INDEX_SUFFIX}"))
+    entries = _entries(directory)
+    indexes = [entry for entry in entries if entry.name.endswith(INDEX_SUFFIX)]
     for index in indexes:
         kind = kind_of_path(index, CheckpointError)
         if kind != "file":
@@ -256,14 +261,22 @@ def _files_of_directory(directory: Path) -> tuple[tuple[Path, ...], dict[str, st
         names = ", ".join(index.name for index in indexes)
         raise CheckpointError(f"{directory}: several index files ({names}); name one of them")
     if indexes:
-        return _files_of_index(indexes[0])
-    files = tuple(sorted(p for p in directory.glob("*.safetensors") if is_regular_file(p)))
+        return (*_files_of_index(indexes[0]), indexes[0])
+    files = tuple(p for p in entries if p.name.endswith(".safetensors") and is_regular_file(p))
     if files:
-        return files, {}
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        return files, {}, directory
+    pickles = [p.name for p in entries if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         _refuse_pickle(directory / pickles[0])
     raise CheckpointError(f"{directory}: no .safetensors files in this directory")
+
+
+def _entries(directory: Path) -> list[Path]:
+    """List a directory, sorted; one line if it cannot be read (no permission, removed)."""
+    try:
+        return sorted(directory.iterdir())
+    except OSError as exc:
+        raise CheckpointError(f"{directory}: cannot be listed ({exc.strerror or exc})") from None
 
 
 def _files_of_index(index: Path) -> tuple[tuple[Path, ...], dict[str, str]]:

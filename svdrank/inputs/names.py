@@ -17,28 +17,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 EMBEDDING_KINDS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "embed_in")
 LM_HEAD_KINDS = ("lm_head", "embed_out")
-_BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _DIGITS = re.compile(r"(\d+)")
+_SLICE = re.compile(r"\[\d+\]$")
 
 
 def module_of(name: str) -> str:
     """Return the module name: the tensor name without a trailing ``.weight``."""
     return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
-def kind_of(module: str) -> str:
-    """Return the last dotted component of a module name (``q_proj``)."""
-    return module.rsplit(".", 1)[-1]
-
-
-def block_of(name: str) -> int | None:
-    """Return the first integer component of a dotted name, or None."""
-    match = _BLOCK.search(name)
-    return int(match.group(1)) if match else None
 
 
 def natural_key(name: str) -> tuple:
@@ -103,3 +93,168 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 def same_module(first: str, second: str) -> bool:
     """Whether two names denote one module, up to a dotted prefix on either side."""
     return first == second or first.endswith("." + second) or second.endswith("." + first)
+
+
+@dataclass(frozen=True)
+class ModuleName:
+    """Where a module sits: its stack, block, expert and kind (see DESIGN.md, Vocabulary)."""
+
+    stack: str
+    block: int | None
+    expert: int | None
+    kind: str
+
+
+def name_modules(modules: Sequence[str]) -> dict[str, ModuleName]:
+    """Derive stack, block, expert and kind of every module from the structure of the names.
+
+    The block is a module's first integer component, and the components before
+    it name its stack (``model.layers``, ``encoder.block``). With one stack in
+    the model the stack is empty; with several, each is shortened to what
+    tells them apart (``encoder``/``decoder``, ``text_model``/``vision_model``).
+    After the block, an integer that takes several values among modules of the
+    same block and shape of name is kept: as the expert index when the
+    component before it names experts (``experts.3``), else in the kind
+    (``resnets.1.conv1``). An integer with one value per block (T5's
+    ``layer.1``) is a fixed path step and is left out of the kind, so the same
+    module type has one kind in every stack. A module outside every block has
+    its whole name as kind.
+
+    Parameters
+    ----------
+    modules : sequence of str
+        Every module name of a model (or as many as are analysed).
+
+    Returns
+    -------
+    dict of str to ModuleName
+
+    Examples
+    --------
+    >>> names = name_modules(["encoder.block.0.layer.1.DenseReluDense.wi",
+    ...                       "decoder.block.0.layer.2.DenseReluDense.wi"])
+    >>> names["decoder.block.0.layer.2.DenseReluDense.wi"]
+    ModuleName(stack='decoder', block=0, expert=None, kind='layer.DenseReluDense.wi')
+    """
+    parts = {module: module.split(".") for module in modules}
+    blocks = {module: _first_integer(tokens) for module, tokens in parts.items()}
+    stacks = _stack_names(
+        {".".join(parts[m][:b]) for m, b in blocks.items() if b is not None}
+    )
+    varying = _varying_positions(parts, blocks)
+    named = {}
+    for module, tokens in parts.items():
+        position = blocks[module]
+        if position is None:
+            named[module] = ModuleName("", None, None, module)
+            continue
+        stack = stacks[".".join(tokens[:position])]
+        expert, kind = _inner(tokens[position + 1 :], varying[module])
+        named[module] = ModuleName(stack, int(tokens[position]), expert, kind)
+    return named
+
+
+def _first_integer(tokens: list[str]) -> int | None:
+    """Return the position of the first all-digit component, or None."""
+    return next((i for i, token in enumerate(tokens) if token.isdigit()), None)
+
+
+def _stack_names(prefixes: set[str]) -> dict[str, str]:
+    """Shorten the stack prefixes to what tells them apart; empty when there is one."""
+    if len(prefixes) <= 1:
+        return dict.fromkeys(prefixes, "")
+    split = {prefix: prefix.split(".") for prefix in prefixes}
+    lead = _common_length([tokens for tokens in split.values()])
+    trail = _common_length([tokens[::-1] for tokens in split.values()])
+    short = {
+        prefix: ".".join(tokens[lead : len(tokens) - trail]) for prefix, tokens in split.items()
+    }
+    if all(short.values()) and len(set(short.values())) == len(short):
+        return short
+    return {prefix: prefix for prefix in prefixes}
+
+
+def _common_length(sequences: list[list[str]]) -> int:
+    """Return how many leading tokens all sequences share (never all of the shortest)."""
+    shortest = min(len(tokens) for tokens in sequences)
+    count = 0
+    while count < shortest - 1 and len({tokens[count] for tokens in sequences}) == 1:
+        count += 1
+    return count
+
+
+def _varying_positions(
+    parts: dict[str, list[str]], blocks: dict[str, int | None]
+) -> dict[str, set[int]]:
+    """For each module, the integer positions after its block that vary within the block."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for module, tokens in parts.items():
+        position = blocks[module]
+        if position is not None:
+            shape = tuple("#" if t.isdigit() else t for t in tokens[position + 1 :])
+            groups.setdefault((*tokens[: position + 1], "|", *shape), []).append(module)
+    varying: dict[str, set[int]] = {module: set() for module in parts}
+    for members in groups.values():
+        start = blocks[members[0]]
+        assert start is not None
+        rest = [parts[m][start + 1 :] for m in members]
+        spots = {
+            i
+            for i, token in enumerate(rest[0])
+            if token.isdigit() and len({tokens[i] for tokens in rest}) > 1
+        }
+        for module in members:
+            varying[module] = spots
+    return varying
+
+
+def _inner(rest: list[str], varying: set[int]) -> tuple[int | None, str]:
+    """Split the path after the block into the expert index and the kind."""
+    expert = None
+    kind = []
+    for i, token in enumerate(rest):
+        if not token.isdigit():
+            kind.append(token)
+        elif i in varying and expert is None and i > 0 and "expert" in rest[i - 1].lower():
+            expert = int(token)
+        elif i in varying:
+            kind.append(token)
+    return expert, ".".join(kind)
+
+
+def short_kinds(kinds: Iterable[str]) -> dict[str, str]:
+    """Give every kind its shortest dotted suffix that no other kind ends with.
+
+    A kind that is itself a suffix of another (``output.dense`` beside
+    ``attention.output.dense``) keeps its whole path.
+
+    Examples
+    --------
+    >>> short_kinds(["self_attn.q_proj", "attention.output.dense", "output.dense"])
+    {'self_attn.q_proj': 'q_proj', 'attention.output.dense': 'attention.output.dense', \
+'output.dense': 'output.dense'}
+    """
+    unique = list(dict.fromkeys(kinds))
+    short = {}
+    for kind in unique:
+        tokens = kind.split(".")
+        others = [other for other in unique if other != kind]
+        short[kind] = kind
+        for length in range(1, len(tokens) + 1):
+            if tokens[-length].isdigit():
+                continue
+            suffix = ".".join(tokens[-length:])
+            if not any(other == suffix or other.endswith("." + suffix) for other in others):
+                short[kind] = suffix
+                break
+    return short
+
+
+def expert_slice(module: str, part: int) -> str:
+    """Name one expert's matrix of a fused expert tensor: ``<module>[<part>]``."""
+    return f"{module}[{part}]"
+
+
+def is_expert_slice(module: str) -> bool:
+    """Tell whether a module name is one expert's matrix of a fused tensor."""
+    return _SLICE.search(module) is not None

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 from svdrank.errors import PairingError
 from svdrank.inputs.checkpoint import Checkpoint
-from svdrank.inputs.names import block_of, kind_of, module_of, natural_key, role_of, selected
+from svdrank.inputs.names import (
+    ModuleName,
+    expert_slice,
+    module_of,
+    name_modules,
+    natural_key,
+    role_of,
+    selected,
+)
 from svdrank.types import Layer, Skipped, TensorInfo
 
 PREFIX_DEPTH = 3
@@ -64,15 +72,15 @@ def pair_checkpoints(
     base_prefix, tuned_prefix = find_prefixes(list(base.tensors), list(tuned.tensors))
     base_keys = {_strip(name, base_prefix): info for name, info in base.tensors.items()}
     tuned_keys = {_strip(name, tuned_prefix): info for name, info in tuned.tensors.items()}
+    names = name_modules([module_of(name) for name in base.tensors])
     layers: list[Layer] = []
     skipped: list[Skipped] = []
     for key, info in base_keys.items():
-        other = tuned_keys.get(key)
-        outcome = _classify(info, other, include, exclude, include_conv)
-        if isinstance(outcome, Layer):
-            layers.append(outcome)
-        else:
+        outcome = _classify(info, tuned_keys.get(key), include, exclude, include_conv)
+        if isinstance(outcome, Skipped):
             skipped.append(outcome)
+        else:
+            layers += _layers(info, tuned_keys[key], outcome, names[module_of(info.name)])
     skipped += [
         Skipped(info.name, "only-in-tuned")
         for key, info in tuned_keys.items()
@@ -80,7 +88,7 @@ def pair_checkpoints(
     ]
     if not layers:
         raise PairingError(_no_layers_message(base, tuned, skipped))
-    layers.sort(key=lambda layer: natural_key(layer.name))
+    layers.sort(key=lambda layer: natural_key(layer.module))
     skipped.sort(key=lambda item: natural_key(item.name))
     return Pairing(tuple(layers), tuple(skipped), base_prefix, tuned_prefix)
 
@@ -91,8 +99,8 @@ def _classify(
     include: Sequence[str],
     exclude: Sequence[str],
     include_conv: bool,
-) -> Layer | Skipped:
-    """Decide whether one base tensor and its tuned partner make a layer."""
+) -> Skipped | list[tuple[str, tuple[int, int], int | None]]:
+    """Decide whether a base tensor and its tuned partner make layers: (module, shape, part)."""
     if tuned is None:
         return Skipped(base.name, "only-in-base")
     if not (base.floating and tuned.floating):
@@ -102,24 +110,50 @@ def _classify(
         return Skipped(base.name, "shape-mismatch", shapes)
     if len(base.shape) == 4 and not include_conv:
         return Skipped(base.name, "conv", str(list(base.shape)))
-    if len(base.shape) not in (2, 4) or 0 in base.shape:
+    if 0 in base.shape:
+        return Skipped(base.name, "not-2d", str(list(base.shape)))
+    if len(base.shape) not in (2, 4) and not _fused_experts(base):
         return Skipped(base.name, "not-2d", str(list(base.shape)))
     module = module_of(base.name)
     if not selected(module, include, exclude):
         return Skipped(base.name, "excluded")
+    if _fused_experts(base):
+        return [
+            (expert_slice(module, part), (base.shape[1], base.shape[2]), part)
+            for part in range(base.shape[0])
+        ]
     out, *rest = base.shape
-    shape = (out, rest[0] * (rest[1] * rest[2] if len(rest) == 3 else 1))
-    kind = kind_of(module)
-    return Layer(
-        name=base.name,
-        module=module,
-        kind=kind,
-        block=block_of(module),
-        shape=shape,
-        role=role_of(kind, len(base.shape)),
-        base=base,
-        tuned=tuned,
-    )
+    return [(module, (out, rest[0] * (rest[1] * rest[2] if len(rest) == 3 else 1)), None)]
+
+
+def _fused_experts(info: TensorInfo) -> bool:
+    """Tell whether a tensor stores one matrix per expert: 3-D, under a name that says experts."""
+    return len(info.shape) == 3 and "expert" in info.name.lower()
+
+
+def _layers(
+    base: TensorInfo,
+    tuned: TensorInfo,
+    matrices: list[tuple[str, tuple[int, int], int | None]],
+    name: ModuleName,
+) -> list[Layer]:
+    """Make the layers of one tensor pair: one, or one per expert of a fused tensor."""
+    return [
+        Layer(
+            name=base.name,
+            module=module,
+            kind=name.kind,
+            block=name.block,
+            shape=shape,
+            role=role_of(module_of(base.name).rsplit(".", 1)[-1], len(base.shape)),
+            base=base,
+            tuned=tuned,
+            stack=name.stack,
+            expert=name.expert if part is None else part,
+            part=part,
+        )
+        for module, shape, part in matrices
+    ]
 
 
 def find_prefixes(base_names: Sequence[str], tuned_names: Sequence[str]) -> tuple[str, str]:

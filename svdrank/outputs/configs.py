@@ -11,13 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from svdrank.analysis.file import MAX_DIMENSION
 from svdrank.errors import AnalysisFileError, UsageError
 from svdrank.files import read_json_object
 from svdrank.inputs.adapter import (
     WEIGHTS_NAME,
     adapter_directory,
     is_adapter,
+    lora_config,
     lora_modules,
+    lora_targets,
 )
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.inputs.names import pattern_key, peft_targeted
@@ -34,7 +37,12 @@ def read_allocation(path: str | Path, analysis: Analysis | None = None) -> Alloc
     Raises
     ------
     AnalysisFileError
-        If the file is missing, not JSON, or neither kind of config.
+        If the file is missing, not JSON, neither kind of config, or a field is
+        missing, of the wrong type or out of range (the message names it): a
+        native config's ``modules`` must map names to a whole-number ``rank`` ≥ 0
+        and a ``shape`` of two whole numbers ≥ 1; a PEFT config's fields follow
+        :func:`svdrank.inputs.adapter.lora_config` and
+        :func:`svdrank.inputs.adapter.lora_targets`.
     """
     path = Path(path)
     if is_adapter(path) and (adapter_directory(path) / WEIGHTS_NAME).is_file():
@@ -51,28 +59,42 @@ def read_allocation(path: str | Path, analysis: Analysis | None = None) -> Alloc
 
 
 def _native_allocation(path: Path, record: dict[str, Any]) -> Allocation:
-    """Modules, ranks and shapes of a svdrank.ranks/1 file."""
-    try:
-        modules = tuple(
-            ModuleRank(name, int(item["rank"]), (int(item["shape"][0]), int(item["shape"][1])))
-            for name, item in record["modules"].items()
-            if int(item["rank"]) > 0
+    """Modules, ranks and shapes of a svdrank.ranks/1 or /2 file, each checked."""
+    stored = record.get("modules")
+    if not isinstance(stored, dict):
+        raise AnalysisFileError(
+            f"{path}: modules: must be an object of module → rank and shape, got {stored!r:.60}"
         )
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise AnalysisFileError(f"{path}: corrupt rank config (bad or missing {exc})") from exc
-    return Allocation(str(path), "ranks", modules)
+    modules = (_module_rank(path, name, item) for name, item in stored.items())
+    return Allocation(str(path), "ranks", tuple(item for item in modules if item.rank > 0))
+
+
+def _module_rank(path: Path, name: str, stored: Any) -> ModuleRank:
+    """Check one module's entry of a native rank config: a rank ≥ 0 and a shape."""
+    where = f"{path}: modules[{name!r:.80}]"
+    if not isinstance(stored, dict):
+        raise AnalysisFileError(
+            f"{where}: must be an object with rank and shape, got {stored!r:.60}"
+        )
+    rank, shape = stored.get("rank"), stored.get("shape")
+    if not (type(rank) is int and 0 <= rank <= MAX_DIMENSION):
+        raise AnalysisFileError(f"{where}.rank: must be a whole number ≥ 0, got {rank!r:.60}")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(type(dim) is int and 1 <= dim <= MAX_DIMENSION for dim in shape)
+    ):
+        raise AnalysisFileError(
+            f"{where}.shape: must be two whole numbers from 1 to 2**40, got {shape!r:.60}"
+        )
+    return ModuleRank(name, rank, (shape[0], shape[1]))
 
 
 def _peft_allocation(path: Path, record: dict[str, Any], analysis: Analysis | None) -> Allocation:
     """Modules and ranks of a PEFT config; shapes from the analysis when given."""
-    try:
-        default = int(record["r"])
-        patterns = {
-            str(key): int(value) for key, value in (record.get("rank_pattern") or {}).items()
-        }
-        targets = record["target_modules"]
-    except (TypeError, ValueError) as exc:
-        raise AnalysisFileError(f"{path}: corrupt PEFT config ({exc})") from exc
+    config = lora_config(record, path, AnalysisFileError)
+    default, patterns = config.r, config.rank_pattern
+    targets = lora_targets(record, path, AnalysisFileError)
     layers = {layer.module: layer for layer in analysis.layers} if analysis else {}
     names = (
         [name for name in layers if peft_targeted(targets, name)]

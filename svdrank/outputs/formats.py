@@ -11,6 +11,7 @@ from typing import Any
 
 from svdrank.errors import UsageError
 from svdrank.inputs.checkpoint import Checkpoint
+from svdrank.inputs.names import is_expert_slice
 from svdrank.types import CheckReport, RankPlan, Violation
 
 INSPECT_SCHEMA = "svdrank.inspect/1"
@@ -130,7 +131,9 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
 def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -> dict[str, Any]:
     r"""Convert a plan to keyword arguments that ``peft.LoraConfig(**record)`` accepts as is.
 
-    Every module with a non-zero rank is targeted by its full name. ``r`` is the
+    Every module with a non-zero rank is targeted by its full name, except the
+    experts of a fused ``[experts, out, in]`` tensor: PEFT's ``target_modules``
+    cannot reach one expert of a parameter (see :func:`peft_untargeted`). ``r`` is the
     most common rank; the others go to ``rank_pattern`` (and their alpha to
     ``alpha_pattern``) keyed by full module name. PEFT matches a pattern key
     with ``re.match(rf"(.*\.)?({key})$", module_name)``, so a full name only
@@ -156,9 +159,15 @@ def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -
     """
     if not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
         raise UsageError(f"--alpha-ratio must be a finite number > 0, got {alpha_ratio}")
-    targeted = [item for item in rank_plan.layers if item.rank > 0]
+    untargeted = set(peft_untargeted(rank_plan))
+    targeted = [
+        item for item in rank_plan.layers if item.rank > 0 and item.layer.module not in untargeted
+    ]
     if not targeted:
-        raise UsageError("every layer got rank 0 (the updates are zero): nothing to target")
+        raise UsageError(
+            "no layer can be targeted: every rank is 0 (the updates are zero) or belongs to "
+            "a fused expert tensor"
+        )
     ranks = Counter(item.rank for item in targeted)
     default = max(sorted(ranks), key=lambda rank: ranks[rank])
     different = [item for item in targeted if item.rank != default]
@@ -169,6 +178,15 @@ def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -
         "rank_pattern": {item.layer.module: item.rank for item in different},
         "alpha_pattern": {item.layer.module: _alpha(item.rank, alpha_ratio) for item in different},
     }
+
+
+def peft_untargeted(rank_plan: RankPlan) -> list[str]:
+    """List the modules with a rank that a PEFT config cannot target: fused expert slices."""
+    return [
+        item.layer.module
+        for item in rank_plan.layers
+        if item.rank > 0 and is_expert_slice(item.layer.module)
+    ]
 
 
 def _alpha(rank: int, ratio: float) -> float | int:

@@ -9,7 +9,7 @@ them under deterministic names.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +25,7 @@ from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
 from svdrank.errors import UsageError
 from svdrank.files import output_directory, write_files_atomically
+from svdrank.inputs.names import short_kinds
 from svdrank.outputs.report import html_report, summary_table_html
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import energy_curve
@@ -66,11 +67,31 @@ KIND_ORDER = (
 """Where the kinds a reader knows go: attention before MLP, in the model's own order."""
 
 
-def kinds_in_order(layers: Sequence[LayerResult]) -> list[str]:
-    """Kinds in a Llama reader's order (q, k, v, o, gate, up, down); others after, as met."""
-    found = list(dict.fromkeys(layer.kind for layer in layers))
-    known = [kind for kind in KIND_ORDER if kind in found]
-    return known + [kind for kind in found if kind not in KIND_ORDER]
+def panel_labels(layers: Sequence[LayerResult]) -> dict[str, str]:
+    """Label every layer's module with its panel: ``stack: kind`` by the kind's short suffix."""
+    short = short_kinds(layer.kind for layer in layers)
+    return {
+        layer.module: f"{layer.stack}: {short[layer.kind]}" if layer.stack else short[layer.kind]
+        for layer in layers
+    }
+
+
+def kinds_in_order(labels: Iterable[str]) -> list[str]:
+    """Order panel labels as a Llama reader expects (q, k, v, o, gate, up, down), others after.
+
+    Labels sort by stack first (as met), then by their last name component's
+    place in KIND_ORDER.
+    """
+    found = list(dict.fromkeys(labels))
+    stacks = list(dict.fromkeys(label.rpartition(": ")[0] for label in found))
+
+    def place(label: str) -> tuple[int, int, int]:
+        stack, _, kind = label.rpartition(": ")
+        last = kind.rsplit(".", 1)[-1]
+        known = KIND_ORDER.index(last) if last in KIND_ORDER else len(KIND_ORDER)
+        return stacks.index(stack), known, found.index(label)
+
+    return sorted(found, key=place)
 
 
 def _panel_grid(count: int) -> tuple[int, int]:
@@ -116,7 +137,8 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
     32-block figure well under a second.
     """
     metric = rank_plan.metric
-    kinds = kinds_in_order(analysis.layers)
+    labels = panel_labels(analysis.layers)
+    kinds = kinds_in_order(labels.values())
     figure, axes = _panels(
         f"Energy kept by rank k ({metric}) — marks: {rank_plan.rule.label}", kinds
     )
@@ -129,10 +151,11 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
         if curve.size == 0:
             continue
         shown = _thinned(curve.size, log=wide)
-        curves[layer.kind].append((np.column_stack([shown, curve[shown - 1]]), color(layer)))
+        panel = labels[layer.module]
+        curves[panel].append((np.column_stack([shown, curve[shown - 1]]), color(layer)))
         rank = ranks[layer.module]
         if rank > 0:
-            marks[layer.kind].append(((rank, curve[min(rank, curve.size) - 1]), color(layer)))
+            marks[panel].append(((rank, curve[min(rank, curve.size) - 1]), color(layer)))
     for kind, ax in axes.items():
         _draw_curves(ax, curves[kind])
         _draw_marks(ax, marks[kind])
@@ -245,7 +268,8 @@ def singular_value_decay(analysis: Analysis) -> Figure:
     As in :func:`energy_curves`, each panel's curves are one ``LineCollection``
     (gid ``layer-curves``, in the order of ``analysis.layers``).
     """
-    kinds = kinds_in_order(analysis.layers)
+    labels = panel_labels(analysis.layers)
+    kinds = kinds_in_order(labels.values())
     figure, axes = _panels("Singular-value decay σᵢ/σ₁", kinds)
     color, norm, cmap = _block_colors(analysis.layers)
     curves = _by_kind(kinds)
@@ -256,7 +280,7 @@ def singular_value_decay(analysis: Analysis) -> Figure:
         shown = _thinned(values.size, log=True)
         shown = shown[values[shown - 1] > 0]
         relative = values[shown - 1] / values[0]
-        curves[layer.kind].append((np.column_stack([shown, relative]), color(layer)))
+        curves[labels[layer.module]].append((np.column_stack([shown, relative]), color(layer)))
     for kind, ax in axes.items():
         _log_axis(ax.yaxis, ax.set_yscale)
         _log_axis(ax.xaxis, ax.set_xscale)
@@ -267,22 +291,52 @@ def singular_value_decay(analysis: Analysis) -> Figure:
     return figure
 
 
-def rank_grid(rank_plan: RankPlan) -> tuple[list[int], list[str], np.ndarray]:
-    """Blocks, kinds, and the blocks × kinds matrix of ranks (NaN where a kind is absent)."""
+EXPERT_COLUMNS = ("min", "median", "max")
+"""An expert kind's heat-map columns: the spread of its experts' ranks in each block."""
+
+
+def rank_grid(
+    rank_plan: RankPlan, stack: str = ""
+) -> tuple[list[int], list[str], np.ndarray]:
+    """Lay out one stack's ranks as blocks × columns (NaN where a column is absent).
+
+    A kind has one column; a kind whose layers are experts has three, the
+    minimum, median and maximum rank over its experts in each block, so the
+    spread stays visible however many experts there are.
+    """
     in_blocks = [
-        (item.layer.block, item) for item in rank_plan.layers if item.layer.block is not None
+        item
+        for item in rank_plan.layers
+        if item.layer.block is not None and item.layer.stack == stack
     ]
-    blocks = sorted({block for block, _ in in_blocks})
-    kinds = kinds_in_order([item.layer for _, item in in_blocks])
-    grid = np.full((len(blocks), len(kinds)), np.nan)
-    for block, item in in_blocks:
-        grid[blocks.index(block), kinds.index(item.layer.kind)] = item.rank
-    return blocks, kinds, grid
+    short = short_kinds(item.layer.kind for item in in_blocks)
+    experts = {item.layer.kind for item in in_blocks if item.layer.expert is not None}
+    cells: dict[tuple[int, str], list[int]] = {}
+    for item in in_blocks:
+        assert item.layer.block is not None
+        cells.setdefault((item.layer.block, item.layer.kind), []).append(item.rank)
+    kinds = kinds_in_order(short[kind] for kind in dict.fromkeys(k for _, k in cells))
+    by_short = {short[kind]: kind for kind in short}
+    columns = [
+        f"{label} ({spread})" if by_short[label] in experts else label
+        for label in kinds
+        for spread in (EXPERT_COLUMNS if by_short[label] in experts else ("",))
+    ]
+    blocks = sorted({block for block, _ in cells})
+    grid = np.full((len(blocks), len(columns)), np.nan)
+    for (block, kind), ranks in cells.items():
+        row = blocks.index(block)
+        if kind in experts:
+            start = columns.index(f"{short[kind]} ({EXPERT_COLUMNS[0]})")
+            grid[row, start : start + 3] = np.percentile(ranks, [0, 50, 100])
+        else:
+            grid[row, columns.index(short[kind])] = ranks[0]
+    return blocks, columns, grid
 
 
-def rank_heatmap(rank_plan: RankPlan) -> Figure:
-    """Blocks × kinds, each cell the recommended rank, with a colour bar."""
-    blocks, kinds, grid = rank_grid(rank_plan)
+def rank_heatmap(rank_plan: RankPlan, stack: str = "") -> Figure:
+    """Draw one stack's blocks × kinds, each cell the recommended rank, with a colour bar."""
+    blocks, kinds, grid = rank_grid(rank_plan, stack)
     if not blocks:
         raise UsageError("no layer has a block number: a rank heat map needs blocks")
     height = max(3.0, 0.22 * len(blocks) + 1.5)
@@ -296,7 +350,8 @@ def rank_heatmap(rank_plan: RankPlan) -> Figure:
     ax.set_ylabel("block")
     others = sum(1 for item in rank_plan.layers if item.layer.block is None)
     note = f" ({others} layer{'s' * (others != 1)} outside blocks not shown)" if others else ""
-    ax.set_title(f"Recommended ranks — {rank_plan.rule.label}{note}")
+    where = f"{stack}: " if stack else ""
+    ax.set_title(f"Recommended ranks — {where}{rank_plan.rule.label}{note}")
     if len(blocks) <= ANNOTATE_UP_TO:
         _annotate_cells(ax, grid, image)
     return figure
@@ -356,10 +411,11 @@ def make_figures(analysis: Analysis, plans: PlanSet) -> Figures:
         "energy-curves": energy_curves(analysis, plans.marked),
         "singular-values": singular_value_decay(analysis),
     }
-    if any(layer.block is not None for layer in analysis.layers):
-        for rank_plan in plans.chosen:
-            stem = "rank-heatmap-" + rank_plan.rule.label.replace(" ", "-").replace(",", "")
-            figures[stem] = rank_heatmap(rank_plan)
+    stacks = list(dict.fromkeys(x.stack for x in analysis.layers if x.block is not None))
+    for rank_plan in plans.chosen:
+        for stack in stacks:
+            stem = "rank-heatmap-" + rank_plan.rule.label + (f"-{stack}" if stack else "")
+            figures[stem.replace(" ", "-").replace(",", "")] = rank_heatmap(rank_plan, stack)
     figures["budget"] = budget_bars(plans)
     return figures
 

@@ -18,7 +18,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from svdrank.inputs.checkpoint import Checkpoint
-from svdrank.inputs.names import kind_of, module_of
+from svdrank.inputs.names import module_of, name_modules, short_kinds
 from svdrank.types import (
     SKIP_REASONS,
     Analysis,
@@ -60,8 +60,15 @@ def inspect_tables(checkpoint: Checkpoint) -> list[Table]:
     return [
         tensors,
         _totals_table("per dtype", checkpoint, lambda info: info.dtype),
-        _totals_table("per kind", checkpoint, lambda info: kind_of(module_of(info.name))),
+        _totals_table("per kind", checkpoint, _kind_labels(checkpoint).__getitem__),
     ]
+
+
+def _kind_labels(checkpoint: Checkpoint) -> dict[TensorInfo, str]:
+    """Label every tensor with its kind's shortest unambiguous suffix."""
+    names = name_modules([module_of(name) for name in checkpoint.tensors])
+    short = short_kinds(name.kind for name in names.values())
+    return {info: short[names[module_of(info.name)].kind] for info in checkpoint.tensors.values()}
 
 
 def _totals_table(title: str, checkpoint: Checkpoint, key: Callable[[TensorInfo], str]) -> Table:
@@ -141,20 +148,26 @@ def _energy_text(item: LayerRank) -> str:
 
 
 def _kind_table(plans: list[RankPlan]) -> Table:
-    """LoRA parameters per kind and preset, against full fine-tuning."""
+    """Tabulate LoRA parameters per stack and kind and per preset, against full fine-tuning.
+
+    Kinds are shown by their shortest unambiguous suffix; experts of one kind
+    are summed in one row (the ``layers`` column counts them).
+    """
     table = Table(title="LoRA parameters per kind", title_justify="left")
     table.add_column("kind")
     table.add_column("layers", justify="right")
     table.add_column("full FT", justify="right")
     for rank_plan in plans:
         table.add_column(f"{rank_plan.rule.label} ({rank_plan.rule.value:.0%})", justify="right")
-    kinds: dict[str, list[int]] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
     for position, item in enumerate(plans[0].layers):
-        kinds.setdefault(item.layer.kind, []).append(position)
-    for kind, positions in sorted(kinds.items()):
+        groups.setdefault((item.layer.stack, item.layer.kind), []).append(position)
+    short = short_kinds(kind for _, kind in groups)
+    for (stack, kind), positions in groups.items():
         full = sum(plans[0].layers[i].layer.full_params for i in positions)
         cells = [_params_text(sum(p.layers[i].params for i in positions), full) for p in plans]
-        table.add_row(kind, str(len(positions)), human_count(full), *cells)
+        label = f"{stack}: {short[kind]}" if stack else short[kind]
+        table.add_row(label, str(len(positions)), human_count(full), *cells)
     full = plans[0].full_params
     totals = [_params_text(p.params, full) + f", keeps {p.energy:.1%}" for p in plans]
     table.add_row("all", str(len(plans[0].layers)), human_count(full), *totals, style="bold")
