@@ -75,15 +75,20 @@ def sample_analysis(tmp_path_factory) -> Path:
 
 BIG = "model.layers.0.mlp.up_proj"
 SMALL = "model.layers.1.self_attn.q_proj"
+HEAD_SHARES = 0.92 * 0.6 ** np.arange(8) / np.sum(0.6 ** np.arange(8))
+"""σᵢ² / ‖ΔW‖_F² of the 8 strong directions: E(k) = 0.374, 0.599, 0.734, 0.814, 0.863, 0.892,
+0.9095, 0.92, so r@85% = 5 and r@90% = 7 by hand; the other 376 share 8 % evenly (a floor)."""
 
 
-@pytest.fixture(scope="module")
-def truncated(tmp_path_factory):
-    """A pair whose 512×384 layer is sketched (auto → randomized), diffed at --max-energy 0.9."""
-    directory = tmp_path_factory.mktemp("truncated")
+def _head_and_floor() -> np.ndarray:
+    """Singular values whose first 32 hold 92.5 %: a first sketch of k = 32 stops below 95 %."""
+    return np.sqrt(np.concatenate([HEAD_SHARES, np.full(376, 0.08 / 376)]))
+
+
+def _truncated_pair(directory: Path, big_sigma: np.ndarray) -> tuple[Path, Path]:
     rng = np.random.default_rng(20261123)
     updates = {
-        BIG: planted((512, 384), 0.7 ** np.arange(384), seed=1),
+        BIG: planted((512, 384), big_sigma, seed=1),
         SMALL: planted((64, 48), 0.5 ** np.arange(48), seed=2),
     }
     base = {
@@ -93,15 +98,30 @@ def truncated(tmp_path_factory):
     tuned = {
         f"{m}.weight": (base[f"{m}.weight"] + u).astype(np.float32) for m, u in updates.items()
     }
-    pair = (
+    return (
         write_checkpoint(directory / "base.safetensors", base),
         write_checkpoint(directory / "tuned.safetensors", tuned),
     )
-    analysis = directory / "analysis.json"
-    result = CliRunner().invoke(
+
+
+def _diff_at_90(pair, analysis: Path):
+    return CliRunner().invoke(
         app,
         ["diff", *map(str, pair), "--max-energy", "0.9", "--format", "table", "-o", str(analysis)],
     )
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory):
+    """A pair whose 512×384 layer is sketched (auto → randomized), diffed at --max-energy 0.9.
+
+    Its first sketch (k = 32) already holds 90 % but not 95 %: the analysis answers
+    the balanced and aggressive presets, not the conservative one.
+    """
+    directory = tmp_path_factory.mktemp("truncated")
+    pair = _truncated_pair(directory, _head_and_floor())
+    analysis = directory / "analysis.json"
+    result = _diff_at_90(pair, analysis)
     return {"pair": pair, "analysis": analysis, "result": result, "directory": directory}
 
 
@@ -149,11 +169,12 @@ def test_max_energy_table_ranks_equal_numpy_exact_svd(truncated):
 
     for header, target in (("r@90%", 0.90), ("r@85%", 0.85)):
         shown = _table_column(truncated["result"].stdout, header)
-        # The spectrum decays fast (σᵢ = 0.7ⁱ): the sketch's values are exact, so are the ranks.
+        # Both targets fall in the strong head, far above the floor: the sketch's values
+        # there are exact to many digits, so the ranks equal the exact ones, not just bound them.
         assert {module: int(rank) for module, rank in shown.items()} == {
             module: _fro_rank(sigma, target) for module, sigma in sigmas.items()
         }
-    assert _fro_rank(sigmas[BIG], 0.90) == 4  # 1 − 0.49⁴ = 0.942 by hand
+    assert (_fro_rank(sigmas[BIG], 0.85), _fro_rank(sigmas[BIG], 0.90)) == (5, 7)  # by hand
 
 
 def test_max_energy_recommend_writes_the_balanced_plan(truncated, run_cli):
@@ -175,6 +196,28 @@ def test_max_energy_recommend_refuses_a_target_above_it(truncated, run_cli):
     result = run_cli("recommend", truncated["analysis"], "--preset", "conservative")
 
     assert_one_line_error(result, "--max-energy")
+
+
+def test_truncated_spectrum_that_reaches_95_percent_answers_it_everywhere(tmp_path, run_cli):
+    """σᵢ = 0.7ⁱ: the first 32 sketched values hold ~100 %, so 95 % is answerable (and exact)."""
+    pair = _truncated_pair(tmp_path, 0.7 ** np.arange(384))
+    analysis = tmp_path / "analysis.json"
+
+    table = _diff_at_90(pair, analysis)
+    ranks = run_cli("recommend", analysis, "--preset", "conservative", "--format", "json")
+
+    assert table.exit_code == 0 and ranks.exit_code == 0, (table.stderr, ranks.stderr)
+    sigmas = _truncated_sigmas({"pair": pair})
+    expected = {module: _fro_rank(sigma, 0.95) for module, sigma in sigmas.items()}
+    assert expected[BIG] == 5  # 1 − 0.49⁴ = 0.942 < 0.95 ≤ 1 − 0.49⁵ = 0.972, by hand
+    shown = _table_column(table.stdout, "r@95%")
+    assert (
+        {module: int(rank) for module, rank in shown.items()}
+        == expected
+        == _ranks(json.loads(ranks.stdout))
+    )
+    layers = {item["module"]: item for item in json.loads(analysis.read_text())["layers"]}
+    assert (layers[BIG]["engine"], layers[BIG]["complete"]) == ("randomized", False)
 
 
 def test_max_energy_plot_writes_figures_without_a_conservative_heat_map(

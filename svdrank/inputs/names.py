@@ -117,8 +117,9 @@ def name_modules(modules: Sequence[str]) -> dict[str, ModuleName]:
     component before it names experts (``experts.3``), else in the kind
     (``resnets.1.conv1``). An integer with one value per block (T5's
     ``layer.1``) is a fixed path step and is left out of the kind, so the same
-    module type has one kind in every stack. A module outside every block has
-    its whole name as kind.
+    module type has one kind in every stack, unless it ends the name
+    (``ff.net.2``, an entry of a ``Sequential``). A module outside every block
+    has its whole name as kind.
 
     Parameters
     ----------
@@ -155,8 +156,12 @@ def name_modules(modules: Sequence[str]) -> dict[str, ModuleName]:
 
 
 def _first_integer(tokens: list[str]) -> int | None:
-    """Return the position of the first all-digit component, or None."""
-    return next((i for i, token in enumerate(tokens) if token.isdigit()), None)
+    """Return the position of the first all-digit component that is not the last, or None.
+
+    A number that ends the name is an entry of a ``Sequential`` (``mm_projector.0``),
+    not a block.
+    """
+    return next((i for i, token in enumerate(tokens[:-1]) if token.isdigit()), None)
 
 
 def _stack_names(prefixes: set[str]) -> dict[str, str]:
@@ -217,7 +222,7 @@ def _inner(rest: list[str], varying: set[int]) -> tuple[int | None, str]:
             kind.append(token)
         elif i in varying and expert is None and i > 0 and "expert" in rest[i - 1].lower():
             expert = int(token)
-        elif i in varying:
+        elif i in varying or i == len(rest) - 1:
             kind.append(token)
     return expert, ".".join(kind)
 
@@ -258,3 +263,41 @@ def expert_slice(module: str, part: int) -> str:
 def is_expert_slice(module: str) -> bool:
     """Tell whether a module name is one expert's matrix of a fused tensor."""
     return _SLICE.search(module) is not None
+
+
+KIND_ORDER = (
+    "embed_tokens",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "c_attn",
+    "c_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "lm_head",
+)
+"""Where the kinds a reader knows go: attention before MLP, in the model's own order."""
+
+
+def kinds_in_order(labels: Iterable[str]) -> list[str]:
+    """Order panel labels as a Llama reader expects (q, k, v, o, gate, up, down), others after.
+
+    Labels sort by stack first (as met), then by their last name component's
+    place in KIND_ORDER.
+    """
+    found = list(dict.fromkeys(labels))
+    stacks = list(dict.fromkeys(label.rpartition(": ")[0] for label in found))
+
+    def place(label: str) -> tuple[int, int, int]:
+        stack, _, kind = label.rpartition(": ")
+        last = kind.rsplit(".", 1)[-1]
+        known = KIND_ORDER.index(last) if last in KIND_ORDER else len(KIND_ORDER)
+        return stacks.index(stack), known, found.index(label)
+
+    return sorted(found, key=place)

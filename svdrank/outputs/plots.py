@@ -9,7 +9,7 @@ them under deterministic names.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -25,7 +25,7 @@ from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
 from svdrank.errors import UsageError
 from svdrank.files import output_directory, write_files_atomically
-from svdrank.inputs.names import short_kinds
+from svdrank.inputs.names import kinds_in_order, short_kinds
 from svdrank.outputs.report import html_report, summary_table_html
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import energy_curve
@@ -47,26 +47,6 @@ Figures = dict[str, Figure]
 """The figures of one analysis, keyed by their file stem."""
 
 
-KIND_ORDER = (
-    "embed_tokens",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "qkv_proj",
-    "c_attn",
-    "c_proj",
-    "gate_proj",
-    "up_proj",
-    "gate_up_proj",
-    "down_proj",
-    "fc1",
-    "fc2",
-    "lm_head",
-)
-"""Where the kinds a reader knows go: attention before MLP, in the model's own order."""
-
-
 def panel_labels(layers: Sequence[LayerResult]) -> dict[str, str]:
     """Label every layer's module with its panel: ``stack: kind`` by the kind's short suffix."""
     short = short_kinds(layer.kind for layer in layers)
@@ -74,24 +54,6 @@ def panel_labels(layers: Sequence[LayerResult]) -> dict[str, str]:
         layer.module: f"{layer.stack}: {short[layer.kind]}" if layer.stack else short[layer.kind]
         for layer in layers
     }
-
-
-def kinds_in_order(labels: Iterable[str]) -> list[str]:
-    """Order panel labels as a Llama reader expects (q, k, v, o, gate, up, down), others after.
-
-    Labels sort by stack first (as met), then by their last name component's
-    place in KIND_ORDER.
-    """
-    found = list(dict.fromkeys(labels))
-    stacks = list(dict.fromkeys(label.rpartition(": ")[0] for label in found))
-
-    def place(label: str) -> tuple[int, int, int]:
-        stack, _, kind = label.rpartition(": ")
-        last = kind.rsplit(".", 1)[-1]
-        known = KIND_ORDER.index(last) if last in KIND_ORDER else len(KIND_ORDER)
-        return stacks.index(stack), known, found.index(label)
-
-    return sorted(found, key=place)
 
 
 def _panel_grid(count: int) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from svdrank.inputs.checkpoint import Checkpoint
-from svdrank.inputs.names import module_of, name_modules, short_kinds
+from svdrank.inputs.names import kinds_in_order, module_of, name_modules, short_kinds
 from svdrank.types import (
     SKIP_REASONS,
     Analysis,
@@ -163,11 +163,12 @@ def _kind_table(plans: list[RankPlan]) -> Table:
     for position, item in enumerate(plans[0].layers):
         groups.setdefault((item.layer.stack, item.layer.kind), []).append(position)
     short = short_kinds(kind for _, kind in groups)
-    for (stack, kind), positions in groups.items():
+    labels = {key: f"{key[0]}: {short[key[1]]}" if key[0] else short[key[1]] for key in groups}
+    order = kinds_in_order(labels.values())
+    for key, positions in sorted(groups.items(), key=lambda item: order.index(labels[item[0]])):
         full = sum(plans[0].layers[i].layer.full_params for i in positions)
         cells = [_params_text(sum(p.layers[i].params for i in positions), full) for p in plans]
-        label = f"{stack}: {short[kind]}" if stack else short[kind]
-        table.add_row(label, str(len(positions)), human_count(full), *cells)
+        table.add_row(labels[key], str(len(positions)), human_count(full), *cells)
     full = plans[0].full_params
     totals = [_params_text(p.params, full) + f", keeps {p.energy:.1%}" for p in plans]
     table.add_row("all", str(len(plans[0].layers)), human_count(full), *totals, style="bold")
