@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from svdrank.errors import PairingError
+from svdrank.errors import NumericalError, PairingError
 from svdrank.inputs.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -103,6 +103,11 @@ def _adapter_layer(
     check_finite(b, lora.b)
     values = lora_values(b, a, config.scale(lora.module, a.shape[0]))
     energy = float(np.sum(np.square(values)))
+    if not math.isfinite(energy):
+        raise NumericalError(
+            f"{lora.module}: s·B·A overflows (scale {config.scale(lora.module, a.shape[0]):.3g} "
+            "from lora_alpha / r); check lora_alpha in adapter_config.json"
+        )
     return LayerResult(
         module=lora.module,
         name=lora.module,

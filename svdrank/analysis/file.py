@@ -6,64 +6,20 @@ so no later command touches the checkpoints again.
 
 from __future__ import annotations
 
-import math
-import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
-
-from svdrank.errors import AnalysisFileError, UsageError
+from svdrank.analysis.record import FieldError, analysis_from_record
+from svdrank.errors import AnalysisFileError
 from svdrank.files import dumps, read_json_object, write_atomically
-from svdrank.types import (
-    SKIP_REASONS,
-    Analysis,
-    AnalysisSettings,
-    EngineSettings,
-    LayerResult,
-    Skipped,
-    Spectrum,
-)
+from svdrank.types import Analysis, AnalysisSettings, LayerResult
 
 ANALYSIS_SCHEMA = "svdrank.analysis/2"
 READABLE_SCHEMAS = ("svdrank.analysis/1", ANALYSIS_SCHEMA)
 """Version 1 files lack ``stack`` and ``expert`` (read as one stack, no experts) and store
 the last name component as ``kind``."""
 DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
-MAX_DIMENSION = 2**40
-"""The largest matrix dimension (or index) a file may state, far above any model's."""
-
-_ORDER_SLACK = 1e-6
-"""A singular value may exceed the one before it by this share (the engines' rounding)."""
-_ENERGY_SLACK = 1e-4
-"""Σσ² may exceed ‖ΔW‖_F² by this share (singular values of float32 work, float64 sums)."""
-_COMPLETE_SLACK = 1e-3
-"""A complete spectrum's Σσ² is ‖ΔW‖_F² within this share (a Gram eigenvalue loses ε·σ₁²)."""
-
-_Kind = tuple[tuple[type, ...], str]
-_OBJECT: _Kind = ((dict,), "an object")
-_LIST: _Kind = ((list,), "a list")
-_TEXT: _Kind = ((str,), "a string")
-_FLAG: _Kind = ((bool,), "true or false")
-_NUMBER: _Kind = ((int, float), "a number")
-_OPTIONAL_NUMBER: _Kind = ((int, float, type(None)), "a number or null")
-_INDEX: _Kind = ((int, type(None)), "a whole number or null")
-_SETTING_TYPES: dict[type, _Kind] = {
-    bool: ((bool,), "true or false"),
-    int: ((int,), "a whole number ≥ 0"),
-    float: ((int, float), "a number"),
-    str: ((str,), "a string"),
-}
-"""The JSON types a setting may have, by the type of its default (bool is never a number)."""
-_REQUIRED = object()
-_Settings = TypeVar("_Settings", EngineSettings, AnalysisSettings)
-
-
-class _FieldError(AnalysisFileError):
-    """One field of an analysis record is wrong; the message names it (the loader adds the file)."""
-
-
 def analysis_record(analysis: Analysis) -> dict[str, Any]:
     """Convert an analysis to the JSON object of schema ``svdrank.analysis/2``.
 
@@ -96,62 +52,6 @@ def settings_record(settings: AnalysisSettings) -> dict[str, Any]:
     """Flatten settings into one JSON object: the engine's fields, then the analysis's own."""
     record = asdict(settings)
     return {**record.pop("engine"), **record}
-
-
-def settings_from_record(stored: Any) -> AnalysisSettings:
-    """Rebuild settings from their flat record (the inverse of :func:`settings_record`).
-
-    Each stored field must have the type of its default (a list of strings for
-    ``include`` and ``exclude``, a whole number ≥ 0 for an integer) and pass the
-    range checks of :class:`EngineSettings` and :class:`AnalysisSettings`.
-
-    Parameters
-    ----------
-    stored : dict
-        The ``settings`` object of an analysis file. Fields an older file lacks
-        (``lanczos_solver``, ``complete``) take their defaults; unknown fields
-        are ignored.
-
-    Returns
-    -------
-    AnalysisSettings
-
-    Raises
-    ------
-    AnalysisFileError
-        If ``stored`` is not an object, or a field has the wrong type or is out
-        of range; the message names ``settings.<field>``.
-    """
-    if not isinstance(stored, dict):
-        raise _FieldError(f"settings: must be an object, got {stored!r:.60}")
-    engine = _settings_of(EngineSettings, stored)
-    return _settings_of(AnalysisSettings, stored, engine=engine)
-
-
-def _settings_of(cls: type[_Settings], stored: dict[str, Any], **given: Any) -> _Settings:
-    """Build ``cls`` from the stored fields it has, each typed and range-checked on its own."""
-    defaults, values = cls(), {}
-    for item in fields(cls):
-        if item.name in stored and item.name not in given:
-            value = _setting(item.name, stored[item.name], getattr(defaults, item.name))
-            try:
-                cls(**given, **{item.name: value})
-            except UsageError as exc:
-                raise _FieldError(f"settings.{item.name}: {exc}") from None
-            values[item.name] = value
-    return cls(**given, **values)
-
-
-def _setting(name: str, value: Any, default: Any) -> Any:
-    """Check a stored setting has its default's type; a tuple is stored as a list of strings."""
-    if isinstance(default, tuple):
-        if isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return tuple(value)
-        raise _FieldError(f"settings.{name}: must be a list of strings, got {value!r:.60}")
-    types, words = _SETTING_TYPES[type(default)]
-    if type(value) not in types or (type(default) is int and value < 0):
-        raise _FieldError(f"settings.{name}: must be {words}, got {value!r:.60}")
-    return value
 
 
 def _layer_record(layer: LayerResult) -> dict[str, Any]:
@@ -234,187 +134,8 @@ def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
             "with this version of svdrank"
         )
     try:
-        return _analysis_from_record(record)
-    except _FieldError as exc:
+        return analysis_from_record(record)
+    except FieldError as exc:
         raise AnalysisFileError(
             f"{path}: corrupt analysis file: {exc}; re-run `svdrank diff`"
         ) from None
-
-
-def _analysis_from_record(record: dict[str, Any]) -> Analysis:
-    """Check every field of a record of a readable schema and build the dataclasses."""
-    inputs = _get(record, "inputs", "", _OBJECT)
-    settings = settings_from_record(_get(record, "settings", "", _OBJECT))
-    stored = _get(record, "layers", "", _LIST)
-    if not stored:
-        raise _FieldError("layers: empty; the analysis has no layers")
-    layers = tuple(_layer_from_record(layer, index) for index, layer in enumerate(stored))
-    _check_unique(layers)
-    skipped = tuple(
-        _skipped_from_record(item, index)
-        for index, item in enumerate(_get(record, "skipped", "", _LIST))
-    )
-    return Analysis(
-        inputs=inputs,
-        settings=settings,
-        layers=layers,
-        skipped=skipped,
-        created=_get(record, "created", "", _TEXT, ""),
-        version=_get(record, "svdrank_version", "", _TEXT, ""),
-    )
-
-
-def _layer_from_record(stored: Any, index: int) -> LayerResult:
-    """Check one layer's record and build its LayerResult."""
-    where = f"layers[{index}]"
-    if not isinstance(stored, dict):
-        raise _FieldError(f"{where}: must be an object, got {stored!r:.60}")
-    module = _get(stored, "module", where, _TEXT)
-    where = f"{where} ({module if module.isprintable() else repr(module):.80})"
-    shape = _shape(_get(stored, "shape", where, _LIST), f"{where}.shape")
-    spectrum = _spectrum(stored, shape, where)
-    delta_norm = _norm(stored, "delta_norm", where, _NUMBER)
-    if abs(delta_norm - math.sqrt(spectrum.total_energy)) > _COMPLETE_SLACK * delta_norm:
-        raise _FieldError(
-            f"{where}.delta_norm: {delta_norm:.6g} is not √total_energy "
-            f"({math.sqrt(spectrum.total_energy):.6g})"
-        )
-    return LayerResult(
-        module=module,
-        name=_get(stored, "name", where, _TEXT),
-        kind=_get(stored, "kind", where, _TEXT),
-        block=_index(stored, "block", where),
-        role=_get(stored, "role", where, _TEXT),
-        shape=shape,
-        dtype=_get(stored, "dtype", where, _TEXT),
-        delta_norm=delta_norm,
-        base_norm=_norm(stored, "base_norm", where, _OPTIONAL_NUMBER),
-        spectrum=spectrum,
-        seconds=_norm(stored, "seconds", where, _NUMBER, 0.0),
-        stack=_get(stored, "stack", where, _TEXT, ""),
-        expert=_index(stored, "expert", where, None),
-    )
-
-
-def _spectrum(stored: dict[str, Any], shape: tuple[int, int], where: str) -> Spectrum:
-    """Check a layer's singular values against its shape and energy; build its Spectrum."""
-    total = _norm(stored, "total_energy", where, _NUMBER)
-    values = _singular_values(_get(stored, "singular_values", where, _LIST), where)
-    complete = _get(stored, "complete", where, _FLAG)
-    engine = _get(stored, "engine", where, _TEXT)
-    where = f"{where}.singular_values"
-    if values.size > min(shape):
-        raise _FieldError(
-            f"{where}: {values.size} values, but a {shape[0]}×{shape[1]} matrix has at most "
-            f"{min(shape)}"
-        )
-    if values.size == 0 and total > 0.0:
-        raise _FieldError(f"{where}: empty, but total_energy is {total:.6g} (not a zero update)")
-    with np.errstate(over="ignore"):
-        held = float(np.sum(np.square(values)))
-    if held > total * (1.0 + _ENERGY_SLACK) + 1e-30:
-        raise _FieldError(f"{where}: Σσ² = {held:.6g} exceeds total_energy {total:.6g}")
-    if complete and abs(held - total) > _COMPLETE_SLACK * total:
-        raise _FieldError(
-            f"{where}: complete, but Σσ² = {held:.6g} differs from total_energy {total:.6g}"
-        )
-    return Spectrum(values, total, complete, engine)
-
-
-def _singular_values(stored: list[Any], where: str) -> np.ndarray:
-    """Check the stored values are finite numbers ≥ 0 in non-increasing order; as float64."""
-    where = f"{where}.singular_values"
-    if not set(map(type, stored)) <= {float, int}:
-        index = next(i for i, value in enumerate(stored) if type(value) not in (float, int))
-        raise _FieldError(f"{where}[{index}]: must be a number, got {stored[index]!r:.60}")
-    try:
-        values = np.array(stored, dtype=np.float64)
-    except OverflowError:
-        values = np.array([_as_float(value) for value in stored], dtype=np.float64)
-    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0.0)))
-    if bad.size:
-        index = int(bad[0])
-        raise _FieldError(f"{where}[{index}]: must be ≥ 0 and finite, got {stored[index]!r:.60}")
-    rising = np.flatnonzero(values[1:] > values[:-1] * (1.0 + _ORDER_SLACK))
-    if rising.size:
-        index = int(rising[0]) + 1
-        raise _FieldError(
-            f"{where}[{index}]: {values[index]:.6g} exceeds the value before it "
-            f"({values[index - 1]:.6g}); singular values never increase"
-        )
-    return values
-
-
-def _skipped_from_record(stored: Any, index: int) -> Skipped:
-    """Check one skipped tensor's record and build its Skipped."""
-    where = f"skipped[{index}]"
-    if not isinstance(stored, dict):
-        raise _FieldError(f"{where}: must be an object, got {stored!r:.60}")
-    reason = _get(stored, "reason", where, _TEXT)
-    if reason not in SKIP_REASONS:
-        raise _FieldError(
-            f"{where}.reason: must be one of {', '.join(SKIP_REASONS)}, got {reason!r:.60}"
-        )
-    return Skipped(
-        _get(stored, "name", where, _TEXT), reason, _get(stored, "detail", where, _TEXT, "")
-    )
-
-
-def _check_unique(layers: tuple[LayerResult, ...]) -> None:
-    """Refuse two layers of one module: rank configs and checks key on the module."""
-    seen: set[str] = set()
-    for index, layer in enumerate(layers):
-        if layer.module in seen:
-            raise _FieldError(f"layers[{index}].module: {layer.module!r:.80} appears twice")
-        seen.add(layer.module)
-
-
-def _get(
-    stored: dict[str, Any], key: str, where: str, kind: _Kind, default: Any = _REQUIRED
-) -> Any:
-    """Return ``stored[key]`` when its type is one of ``kind``'s (bool is never a number)."""
-    name = f"{where}.{key}" if where else key
-    if key not in stored:
-        if default is _REQUIRED:
-            raise _FieldError(f"{name}: missing")
-        return default
-    value = stored[key]
-    types, words = kind
-    if type(value) not in types:
-        raise _FieldError(f"{name}: must be {words}, got {value!r:.60}")
-    return value
-
-
-def _norm(
-    stored: dict[str, Any], key: str, where: str, kind: _Kind, default: Any = _REQUIRED
-) -> Any:
-    """Return a norm, energy or time as a float: a finite number ≥ 0 (or null where allowed)."""
-    value = _get(stored, key, where, kind, default)
-    if value is None:
-        return None
-    number = _as_float(value)
-    if not (math.isfinite(number) and number >= 0.0):
-        raise _FieldError(f"{where}.{key}: must be ≥ 0 and finite, got {value!r:.60}")
-    return number
-
-
-def _index(stored: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> Any:
-    """Return a block or expert index: a whole number ≥ 0, or null."""
-    value = _get(stored, key, where, _INDEX, default)
-    if value is not None and not 0 <= value <= MAX_DIMENSION:
-        raise _FieldError(f"{where}.{key}: must be ≥ 0, got {value!r:.60}")
-    return value
-
-
-def _shape(stored: list[Any], where: str) -> tuple[int, int]:
-    """Check a stored shape is two whole numbers from 1 to MAX_DIMENSION."""
-    if len(stored) != 2 or not all(
-        type(dim) is int and 1 <= dim <= MAX_DIMENSION for dim in stored
-    ):
-        raise _FieldError(f"{where}: must be two whole numbers from 1 to 2**40, got {stored!r:.60}")
-    return stored[0], stored[1]
-
-
-def _as_float(value: float) -> float:
-    """Convert a JSON number to float; an integer too large for a float becomes inf."""
-    return float(value) if abs(value) <= sys.float_info.max else math.inf

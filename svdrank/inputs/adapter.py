@@ -25,6 +25,8 @@ from svdrank.inputs.names import natural_key, pattern_key, peft_targeted
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WRAPPER_PREFIX = "base_model.model."
+PEFT_DEFAULT_ALPHA = 8
+"""``lora_alpha`` when a config leaves it out, as ``peft.LoraConfig`` defaults it."""
 # PEFT saves linear LoRA as lora_A/lora_B and embedding LoRA as lora_embedding_A/B,
 # the adapter name dropped from saved files (kept in some hand-written ones).
 _LORA_TENSOR = re.compile(
@@ -152,7 +154,7 @@ def _lora_config(record: dict[str, Any]) -> AdapterConfig:
         raise _FieldError(f"use_rslora: must be true or false, got {use_rslora!r:.60}")
     return AdapterConfig(
         r=r,
-        lora_alpha=_alpha(record.get("lora_alpha", r), "lora_alpha"),
+        lora_alpha=_alpha(record.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha"),
         use_rslora=use_rslora,
         rank_pattern=_patterns(record, "rank_pattern", _rank),
         alpha_pattern=_patterns(record, "alpha_pattern", _alpha),

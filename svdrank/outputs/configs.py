@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from svdrank.analysis.file import MAX_DIMENSION
+from svdrank.analysis.record import MAX_DIMENSION
 from svdrank.errors import AnalysisFileError, UsageError
 from svdrank.files import read_json_object
 from svdrank.inputs.adapter import (
@@ -21,6 +21,7 @@ from svdrank.inputs.adapter import (
     lora_config,
     lora_modules,
     lora_targets,
+    read_adapter_config,
 )
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.inputs.names import pattern_key, peft_targeted
@@ -36,6 +37,9 @@ def read_allocation(path: str | Path, analysis: Analysis | None = None) -> Alloc
 
     Raises
     ------
+    CheckpointError
+        If an adapter's weights or ``adapter_config.json`` cannot be read or
+        hold a field of the wrong type or out of range.
     AnalysisFileError
         If the file is missing, not JSON, neither kind of config, or a field is
         missing, of the wrong type or out of range (the message names it): a
@@ -118,7 +122,8 @@ def _literal_targets(path: Path, targets: Any) -> list[str]:
 
 
 def _adapter_allocation(directory: Path) -> Allocation:
-    """Real ranks and shapes of a trained adapter, from its weights' header alone."""
+    """Real ranks and shapes of a trained adapter from its weights' header; its config checked."""
+    read_adapter_config(directory)
     weights = open_checkpoint(directory / WEIGHTS_NAME)
     modules = []
     for lora in lora_modules(weights):
