@@ -26,9 +26,20 @@ from typer.core import TyperGroup
 
 from svdrank import cli_options as options
 from svdrank._version import __version__
-from svdrank.analysis.file import DEFAULT_ANALYSIS, analysis_record, load_analysis, save_analysis
+from svdrank.analysis.file import (
+    DEFAULT_ANALYSIS,
+    analysis_record,
+    analysis_writer,
+    load_analysis,
+)
 from svdrank.errors import SvdrankError, UsageError
-from svdrank.files import check_writable, dumps, write_atomically
+from svdrank.files import (
+    check_writable,
+    dumps,
+    output_directory,
+    write_atomically,
+    write_files_atomically,
+)
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.outputs import formats, tables
 from svdrank.outputs.configs import read_allocation
@@ -222,8 +233,7 @@ def diff(
             progress=progress,
         )
     plans = rules.plan_set(analysis)
-    save_analysis(analysis, output)
-    figures = _plot(analysis, plans, plot_dir) if plot_dir is not None else []
+    figures = _save(analysis, plans, output, plot_dir)
     if _wants_json(_value(output_format)):
         sys.stdout.write(dumps(analysis_record(analysis)))
     else:
@@ -233,6 +243,20 @@ def diff(
             f"wrote {output} ({len(analysis.layers)} layers, {len(analysis.skipped)} skipped)"
             + (f" and {len(figures)} figures in {plot_dir}" if figures else "")
         )
+
+
+def _save(analysis: Analysis, plans: PlanSet, output: Path, plot_dir: Path | None) -> list[Path]:
+    """Write the analysis file and, with ``--plot``, the figures: all of them or none."""
+    writers = {output: analysis_writer(analysis)}
+    if plot_dir is None:
+        write_files_atomically(writers)
+        return []
+    from svdrank.outputs.plots import plot_writers
+
+    figures = plot_writers(analysis, plans, plot_dir)
+    with output_directory(plot_dir):
+        write_files_atomically({**writers, **figures})
+    return list(figures)
 
 
 def _plot(analysis: Analysis, plans: PlanSet, directory: Path, **settings: Any) -> list[Path]:

@@ -6,13 +6,14 @@ so no later command touches the checkpoints again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from svdrank.analysis.record import FieldError, analysis_from_record
 from svdrank.errors import AnalysisFileError
-from svdrank.files import dumps, read_json_object, write_atomically
+from svdrank.files import dumps, read_json_object, write_files_atomically
 from svdrank.types import Analysis, AnalysisSettings, LayerResult
 
 ANALYSIS_SCHEMA = "svdrank.analysis/2"
@@ -96,8 +97,14 @@ def save_analysis(analysis: Analysis, path: str | Path = DEFAULT_ANALYSIS) -> Pa
         If the folder does not exist or is not writable, or the path is a folder.
     """
     path = Path(path)
-    write_atomically(path, dumps(analysis_record(analysis), indent=None))
+    write_files_atomically({path: analysis_writer(analysis)})
     return path
+
+
+def analysis_writer(analysis: Analysis) -> Callable[[BinaryIO], object]:
+    """Return the function that writes an analysis file's bytes to a stream (compact JSON)."""
+    content = dumps(analysis_record(analysis), indent=None).encode("utf-8")
+    return lambda stream: stream.write(content)
 
 
 def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:

@@ -434,11 +434,27 @@ def plot_analysis(
     list of Path
         The files written.
     """
-    figures = make_figures(analysis, plans)
     directory = Path(directory)
+    writers = plot_writers(analysis, plans, directory, image_format, report)
+    with output_directory(directory):
+        return write_files_atomically(writers)
+
+
+def plot_writers(
+    analysis: Analysis,
+    plans: PlanSet,
+    directory: Path,
+    image_format: str = "png",
+    report: bool = False,
+) -> dict[Path, Callable[[BinaryIO], object]]:
+    """Draw every figure and map each file of the plot set to the function that writes it.
+
+    For callers that write the figures together with other files, all or none
+    (``svdrank diff --plot``); see :func:`plot_analysis` for the parameters.
+    """
+    figures = make_figures(analysis, plans)
     writers = figure_writers(figures, directory, image_format)
     if report:
         page = html_report(figures, summary_table_html(plans.chosen)).encode("utf-8")
         writers[directory / "report.html"] = lambda stream: stream.write(page)
-    with output_directory(directory):
-        return write_files_atomically(writers)
+    return writers
