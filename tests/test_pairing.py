@@ -132,7 +132,8 @@ def test_no_layers_in_common_is_a_pairing_error(tmp_path):
         ("model.layers.3.mlp.up_proj", 3),
         ("h.17.attn.c_attn", 17),
         ("lm_head", None),
-        ("layers.0", 0),
+        ("layers.0.proj", 0),
+        ("model.mm_projector.0", None),
     ],
 )
 def test_block_is_the_first_integer_component(name, block):

@@ -102,7 +102,8 @@ def _adapter_layer(
     check_finite(a, lora.a)
     check_finite(b, lora.b)
     values = lora_values(b, a, config.scale(lora.module, a.shape[0]))
-    energy = float(np.sum(np.square(values)))
+    with np.errstate(over="ignore"):
+        energy = float(np.sum(np.square(values)))
     if not math.isfinite(energy):
         raise NumericalError(
             f"{lora.module}: s·B·A overflows (scale {config.scale(lora.module, a.shape[0]):.3g} "
