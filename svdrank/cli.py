@@ -134,7 +134,6 @@ app = typer.Typer(
 
 
 DEFAULT_PLOTS = Path("svdrank-plots")
-SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown"}
 
 
 def _value(choice: Enum | None) -> Any:
@@ -287,7 +286,7 @@ def recommend(
     """Recommend per-layer LoRA ranks from an analysis file (no checkpoints are read)."""
     if output is not None:
         check_writable(output)
-    chosen = _rank_format(_value(output_format), output)
+    chosen = formats.rank_format(_value(output_format), output, _wants_json(None))
     if alpha_ratio is not None and chosen != "peft":
         raise UsageError("--alpha-ratio applies to --format peft only")
     loaded = load_analysis(analysis)
@@ -316,49 +315,22 @@ def recommend(
         say(f"wrote {output} ({chosen})")
 
 
-def _rank_format(requested: str | None, output: Path | None) -> str:
-    """Pick the format asked for, else by -o's suffix, else table on a terminal, json piped."""
-    if requested is not None:
-        if requested == "table" and output is not None:
-            raise UsageError(
-                "--format table prints to the terminal; choose json, peft, csv or markdown with -o"
-            )
-        return requested
-    if output is not None:
-        return SUFFIX_FORMATS.get(output.suffix.lower(), "json")
-    return "json" if _wants_json(None) else "table"
-
-
 def _rank_text(
-    analysis: Analysis,
-    plans: list[RankPlan],
-    chosen: str,
-    alpha_ratio: float | None,
-    source: str,
+    analysis: Analysis, plans: list[RankPlan], chosen: str, alpha_ratio: float | None, source: str
 ) -> str:
     """Render plans in a machine format; JSON formats take one plan (the default rule's)."""
-    if chosen == "csv":
-        return formats.plans_csv(plans)
-    if chosen == "markdown":
-        return formats.plans_markdown(plans)
-    chosen_plan, note = plans[0], ""
+    if chosen in ("csv", "markdown"):
+        return formats.plans_table_text(plans, chosen)
+    plan = rules.one_plan(analysis, plans)
+    text = formats.config_text(plan, chosen, alpha_ratio, source)
+    left_out = formats.peft_untargeted(plan) if chosen == "peft" else []
+    if left_out:
+        say(
+            f"svdrank: {len(left_out)} fused expert matrices ({left_out[0]}, …) have ranks "
+            "that a PEFT config cannot target per expert; they are left out"
+        )
     if len(plans) > 1:
-        default = rules.default_rule(analysis)
-        chosen_plan = next(item for item in plans if item.rule == default)
-        note = f"svdrank: no rule given: writing the {default.label} plan ({default.value:.2f})"
-    if chosen == "peft":
-        ratio = formats.DEFAULT_ALPHA_RATIO if alpha_ratio is None else alpha_ratio
-        text = dumps(formats.peft_record(chosen_plan, ratio))
-        left_out = formats.peft_untargeted(chosen_plan)
-        if left_out:
-            say(
-                f"svdrank: {len(left_out)} fused expert matrices ({left_out[0]}, …) have ranks "
-                "that a PEFT config cannot target per expert; they are left out"
-            )
-    else:
-        text = dumps(formats.ranks_record(chosen_plan, source))
-    if note:
-        say(note)
+        say(f"svdrank: no rule given: writing the {plan.rule.label} plan ({plan.rule.value:.2f})")
     return text
 
 

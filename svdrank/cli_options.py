@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from svdrank.outputs.formats import IMAGE_FORMATS, RANK_FORMATS
 from svdrank.ranks.budget import OBJECTIVES
 from svdrank.ranks.rules import PRESETS
 from svdrank.types import ENGINES, LANCZOS_SOLVERS, METRICS, NORMALIZERS
@@ -30,8 +31,8 @@ LanczosSolver = _choices("LanczosSolver", LANCZOS_SOLVERS)
 Preset = _choices("Preset", list(PRESETS))
 Objective = _choices("Objective", OBJECTIVES)
 TableOrJson = _choices("TableOrJson", ("table", "json"))
-RankFormat = _choices("RankFormat", ("table", "json", "peft", "csv", "markdown"))
-ImageFormat = _choices("ImageFormat", ("png", "svg", "pdf"))
+RankFormat = _choices("RankFormat", RANK_FORMATS)
+ImageFormat = _choices("ImageFormat", IMAGE_FORMATS)
 CheckFormat = _choices("CheckFormat", ("text", "json"))
 
 AnalysisArgument = Annotated[Path, typer.Argument(help="Analysis file written by `svdrank diff`.")]

@@ -7,14 +7,22 @@ import io
 import math
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from svdrank.errors import UsageError
+from svdrank.files import dumps
 from svdrank.inputs.checkpoint import Checkpoint
 from svdrank.inputs.names import is_expert_slice
 from svdrank.types import CheckReport, RankPlan, Violation
 
 INSPECT_SCHEMA = "svdrank.inspect/1"
+RANK_FORMATS = ("table", "json", "peft", "csv", "markdown")
+"""What ``recommend`` writes: a table on the terminal, or one of the machine formats."""
+SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown"}
+"""The format ``recommend -o FILE`` writes when none is asked for, by the file's suffix."""
+IMAGE_FORMATS = ("png", "svg", "pdf")
+"""The figure file formats."""
 
 
 def inspect_record(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -290,3 +298,37 @@ def _format_limit(violation: Violation) -> tuple[str, str]:
     if violation.limit == "min-energy":
         return f"{violation.value:.2%}", f"{violation.bound:.2%}"
     return f"{int(violation.value):,}", f"{int(violation.bound):,}"
+
+
+def rank_format(requested: str | None, output: Path | None, piped: bool) -> str:
+    """Pick the format asked for, else by -o's suffix, else json when piped and table on a terminal.
+
+    Raises
+    ------
+    UsageError
+        For ``table`` with an output file.
+    """
+    if requested is not None:
+        if requested == "table" and output is not None:
+            raise UsageError(
+                "--format table prints to the terminal; choose json, peft, csv or markdown with -o"
+            )
+        return requested
+    if output is not None:
+        return SUFFIX_FORMATS.get(output.suffix.lower(), "json")
+    return "json" if piped else "table"
+
+
+def config_text(
+    rank_plan: RankPlan, rank_format: str, alpha_ratio: float | None, source: str | None
+) -> str:
+    """Render one plan as a native (``json``) or PEFT (``peft``) config, strict JSON."""
+    if rank_format == "peft":
+        ratio = DEFAULT_ALPHA_RATIO if alpha_ratio is None else alpha_ratio
+        return dumps(peft_record(rank_plan, ratio))
+    return dumps(ranks_record(rank_plan, source))
+
+
+def plans_table_text(plans: list[RankPlan], rank_format: str) -> str:
+    """Render plans side by side as ``csv`` or ``markdown``."""
+    return plans_csv(plans) if rank_format == "csv" else plans_markdown(plans)

@@ -26,12 +26,12 @@ from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 from svdrank.errors import UsageError
 from svdrank.files import output_directory, write_files_atomically
 from svdrank.inputs.names import kinds_in_order, short_kinds
+from svdrank.outputs.formats import IMAGE_FORMATS
 from svdrank.outputs.report import html_report, summary_table_html
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import energy_curve
 from svdrank.types import Analysis, LayerResult, PlanSet, RankPlan
 
-FORMATS = ("png", "svg", "pdf")
 # Okabe & Ito's colour-blind-safe palette, for categorical series.
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 BLOCK_COLORMAP = "viridis"
@@ -386,7 +386,7 @@ def figure_writers(
     figures: Figures, directory: Path, image_format: str = "png"
 ) -> dict[Path, Callable[[BinaryIO], object]]:
     """Map DIR/STEM.FORMAT of every figure to the function that writes it."""
-    if image_format not in FORMATS:
+    if image_format not in IMAGE_FORMATS:
         raise UsageError(f"unknown image format {image_format!r}; choose png, svg or pdf")
     return {
         directory / f"{stem}.{image_format}": partial(

@@ -150,6 +150,14 @@ def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSe
     return PlanSet(plans, marked, uniform)
 
 
+def one_plan(analysis: Analysis, plans: list[RankPlan]) -> RankPlan:
+    """Pick the plan a single-plan output writes: the only one, else the default rule's."""
+    if len(plans) == 1:
+        return plans[0]
+    default = default_rule(analysis)
+    return next(item for item in plans if item.rule == default)
+
+
 def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
     """Restrict an analysis to the modules matching any of the glob patterns.
 
