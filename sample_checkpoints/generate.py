@@ -31,6 +31,20 @@ ADAPTER_RANK = 16
 ADAPTER_TRUE_RANK = 4
 ADAPTER_ALPHA = 32
 WEAK_DIRECTIONS = 0.2
+ENCODER_SEED = 20261124
+ENCODER_BLOCKS = 4
+ENCODER_HIDDEN = 64
+ENCODER_MLP = 128
+ENCODER_VOCAB = 128
+ENCODER_SPECTRA = {
+    "attention.self.query": lambda i: np.where(i <= 2, 1.0, 0.0),
+    "attention.self.key": lambda i: np.where(i <= 4, 1.0, 0.0),
+    "attention.self.value": lambda i: i**-1.0,
+    "attention.output.dense": lambda i: np.exp(-i / 4.0),
+    "intermediate.dense": lambda i: np.where(i <= 8, 1.0, 0.0) + 0.02,
+    "output.dense": lambda i: i**-2.0,
+}
+"""The planted spectrum of each kind of the BERT-shaped encoder sample."""
 
 
 def spectrum(kind: str, size: int, block: int) -> np.ndarray:
@@ -148,6 +162,37 @@ def write_adapter(rng: np.random.Generator, directory: Path) -> None:
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def encoder_shapes() -> dict[str, tuple[int, int]]:
+    """Every 2-D weight of the BERT-shaped encoder with its (out, in) shape."""
+    shapes = {"embeddings.word_embeddings.weight": (ENCODER_VOCAB, ENCODER_HIDDEN)}
+    square = (ENCODER_HIDDEN, ENCODER_HIDDEN)
+    for block in range(ENCODER_BLOCKS):
+        for kind in ENCODER_SPECTRA:
+            shape = {
+                "intermediate.dense": (ENCODER_MLP, ENCODER_HIDDEN),
+                "output.dense": (ENCODER_HIDDEN, ENCODER_MLP),
+            }.get(kind, square)
+            shapes[f"encoder.layer.{block}.{kind}.weight"] = shape
+    shapes["pooler.dense.weight"] = square
+    return shapes
+
+
+def write_encoder() -> None:
+    """A BERT-shaped encoder pair in F32 whose six kinds end in only three names."""
+    rng = np.random.default_rng(ENCODER_SEED)
+    base, tuned = {}, {}
+    for name, shape in encoder_shapes().items():
+        kind = name.split(".", 3)[-1].removesuffix(".weight")
+        weight = rng.standard_normal(shape) * BASE_SCALE
+        base[name] = weight.astype(np.float32)
+        if kind in ENCODER_SPECTRA:
+            i = np.arange(1, min(shape) + 1, dtype=np.float64)
+            weight = weight + planted(rng, shape, ENCODER_SPECTRA[kind](i))
+        tuned[name] = weight.astype(np.float32)
+    save_file(base, HERE / "encoder-base.safetensors", metadata={"format": "pt"})
+    save_file(tuned, HERE / "encoder-tuned.safetensors", metadata={"format": "pt"})
+
+
 def main() -> None:
     """Rewrite every sample file."""
     rng = np.random.default_rng(SEED)
@@ -158,6 +203,7 @@ def main() -> None:
     save_file(as_stored(tuned), HERE / "tuned.safetensors", metadata={"format": "pt"})
     write_sharded(as_stored(tuned), HERE / "tuned-sharded")
     write_adapter(rng, HERE / "adapter")
+    write_encoder()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from svdrank.inputs.names import ModuleName, name_modules, short_kinds
-from tests.conftest import write_checkpoint
+from tests.conftest import SAMPLES, write_checkpoint
 
 
 def _blocks(prefix: str, count: int, paths: tuple[str, ...]) -> list[str]:
@@ -857,3 +857,26 @@ def test_fused_expert_tensor_is_one_layer_per_expert(run_cli, tmp_path):
         assert _rank(reference) == e + 1
         assert _rank(np.asarray(layer["singular_values"])) == e + 1
     assert (layers[query]["expert"], layers[query]["kind"]) == (None, "self_attn.q_proj")
+
+
+def test_encoder_sample_has_six_kinds_per_block_at_their_planted_ranks(tmp_path, run_cli):
+    base = SAMPLES / "encoder-base.safetensors"
+    tuned = SAMPLES / "encoder-tuned.safetensors"
+    out = tmp_path / "encoder.json"
+
+    result = run_cli("diff", base, tuned, "-o", out, "--format", "json")
+
+    assert result.exit_code == 0, result.stderr
+    layers = json.loads(out.read_text())["layers"]
+    in_blocks = [layer for layer in layers if layer["block"] is not None]
+    assert len({(layer["block"], layer["kind"]) for layer in in_blocks}) == len(in_blocks) == 24
+    assert len({layer["kind"] for layer in in_blocks}) == 6
+    stored_base, stored_tuned = load_file(base), load_file(tuned)
+    for layer in in_blocks:
+        if layer["kind"].endswith(("query", "key")):
+            delta = stored_tuned[layer["name"]].astype(np.float64) - stored_base[layer["name"]]
+            sigma = np.linalg.svd(delta, compute_uv=False)
+            expected = int(np.count_nonzero(sigma > 1e-4 * sigma[0]))
+            assert expected == (2 if layer["kind"].endswith("query") else 4)
+            values = np.asarray(layer["singular_values"])
+            assert int(np.count_nonzero(values > 1e-4 * values[0])) == expected
