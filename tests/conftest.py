@@ -41,8 +41,12 @@ def run_cli():
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit 2, one ``svdrank: error:`` line on stderr naming each fragment, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    """Exit 2, one ``svdrank: error:`` line on stderr naming each fragment, no traceback.
+
+    ``result`` is click's Result (``run_cli``) or a finished ``subprocess.run``.
+    """
+    code = getattr(result, "exit_code", getattr(result, "returncode", None))
+    assert code == 2, (code, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("svdrank: error: ")

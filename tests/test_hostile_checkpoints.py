@@ -202,17 +202,6 @@ def _cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def _assert_one_line_error_process(done: subprocess.CompletedProcess, *fragments: str) -> None:
-    """The subprocess form of assert_one_line_error."""
-    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("svdrank: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in done.stdout + done.stderr
-
-
 # --- 1. Header content -------------------------------------------------------------------
 
 
@@ -340,7 +329,7 @@ def test_fifo_as_input_is_refused_without_hanging(tmp_path, base, command):
 
     done = _cli(*args, cwd=tmp_path)
 
-    _assert_one_line_error_process(done, str(fifo), "FIFO")
+    assert_one_line_error(done, str(fifo), "FIFO")
     assert _snapshot(tmp_path) == before
 
 
@@ -364,7 +353,7 @@ def test_fifo_index_or_shard_in_a_folder_is_refused_without_hanging(
 
     done = _cli("inspect", folder, cwd=tmp_path)
 
-    _assert_one_line_error_process(done, str(folder), *fragments)
+    assert_one_line_error(done, str(folder), *fragments)
     assert _snapshot(tmp_path) == before
 
 
