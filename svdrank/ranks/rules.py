@@ -8,7 +8,6 @@ for, is decided here once, for every command and output.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -16,7 +15,9 @@ from svdrank.errors import UsageError
 from svdrank.inputs.names import selected
 from svdrank.ranks.budget import OBJECTIVES, parse_count, plan_budget
 from svdrank.spectra.energy import (
+    check_sv_ratio,
     check_target,
+    check_threshold,
     rank_at,
     rank_by_sv_ratio,
     rank_by_threshold,
@@ -75,15 +76,13 @@ def energy_rule(target: float) -> RankRule:
 
 def sv_ratio_rule(ratio: float) -> RankRule:
     """Keep the σᵢ ≥ σ₁ / ratio (kohya's ``sv_ratio``); ratio ≥ 1."""
-    if not (math.isfinite(ratio) and ratio >= 1.0):
-        raise UsageError(f"--sv-ratio must be a finite number ≥ 1, got {ratio}")
+    check_sv_ratio(ratio)
     return RankRule("sv_ratio", ratio, f"sv-ratio {ratio:g}")
 
 
 def threshold_rule(threshold: float) -> RankRule:
     """Keep the σᵢ ≥ threshold (LyCORIS' absolute threshold); threshold > 0."""
-    if not (math.isfinite(threshold) and threshold > 0.0):
-        raise UsageError(f"--threshold must be a finite number > 0, got {threshold}")
+    check_threshold(threshold)
     return RankRule("threshold", threshold, f"threshold {threshold:g}")
 
 

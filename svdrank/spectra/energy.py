@@ -152,6 +152,18 @@ def rank_above(spectrum: Spectrum, floor: float, what: str) -> int:
     return count
 
 
+def check_sv_ratio(ratio: float) -> None:
+    """Refuse an ``sv_ratio`` that is not a finite number ≥ 1 (one line, naming the option)."""
+    if not (math.isfinite(ratio) and ratio >= 1.0):
+        raise UsageError(f"--sv-ratio must be a finite number ≥ 1, got {ratio}")
+
+
+def check_threshold(threshold: float) -> None:
+    """Refuse a σ threshold that is not a finite number > 0 (one line, naming the option)."""
+    if not (math.isfinite(threshold) and threshold > 0.0):
+        raise UsageError(f"--threshold must be a finite number > 0, got {threshold}")
+
+
 def rank_by_sv_ratio(spectrum: Spectrum, ratio: float) -> int:
     """Count the σᵢ ≥ σ₁ / ratio (kohya's ``sv_ratio`` mode).
 
@@ -171,8 +183,7 @@ def rank_by_sv_ratio(spectrum: Spectrum, ratio: float) -> int:
     UsageError
         If ``ratio`` < 1, or a truncated spectrum stops above σ₁ / ratio.
     """
-    if not ratio >= 1.0:
-        raise UsageError(f"--sv-ratio must be ≥ 1, got {ratio}")
+    check_sv_ratio(ratio)
     if spectrum.total_energy == 0.0:
         return 0
     return rank_above(spectrum, float(spectrum.values[0]) / ratio, f"--sv-ratio {ratio}")
@@ -197,8 +208,7 @@ def rank_by_threshold(spectrum: Spectrum, threshold: float) -> int:
     UsageError
         If ``threshold`` ≤ 0, or a truncated spectrum stops above it.
     """
-    if not threshold > 0.0:
-        raise UsageError(f"--threshold must be > 0, got {threshold}")
+    check_threshold(threshold)
     if spectrum.total_energy == 0.0:
         return 0
     return rank_above(spectrum, threshold, f"--threshold {threshold}")
