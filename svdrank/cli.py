@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -32,7 +33,7 @@ from svdrank.analysis.file import (
     analysis_writer,
     load_analysis,
 )
-from svdrank.errors import SvdrankError, UsageError
+from svdrank.errors import SvdrankError, SvdrankWarning, UsageError
 from svdrank.files import (
     check_writable,
     dumps,
@@ -43,6 +44,7 @@ from svdrank.files import (
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.outputs import formats, tables
 from svdrank.outputs.configs import read_allocation
+from svdrank.outputs.peft import PeftTargets, peft_targets
 from svdrank.ranks import rules
 from svdrank.ranks.budget import parse_count
 from svdrank.ranks.checks import check_allocation
@@ -68,12 +70,32 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Print svdrank's own warnings as one ``svdrank: warning:`` line; others as Python does."""
+    if issubclass(category, SvdrankWarning):
+        say(f"svdrank: warning: {printable(str(message))}")
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 class _Group(TyperGroup):
     """One line and exit 2 for bad usage or input (parser errors too); Ctrl-C → 130."""
 
     def invoke(self, ctx: Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = show_warning
+                return super().invoke(ctx)
         except SvdrankError as exc:
             report_error(str(exc))
             raise typer.Exit(2) from None
@@ -280,6 +302,7 @@ def recommend(
     max_rank: options.RecommendMaxRank = None,
     multiple_of: options.RecommendMultipleOf = 1,
     alpha_ratio: options.RecommendAlphaRatio = None,
+    allow_unmatched: options.RecommendAllowUnmatched = False,
     output_format: options.RecommendOutputFormat = None,
     output: options.RecommendOutput = None,
 ) -> None:
@@ -287,8 +310,12 @@ def recommend(
     if output is not None:
         check_writable(output)
     chosen = formats.rank_format(_value(output_format), output, _wants_json(None))
-    if alpha_ratio is not None and chosen != "peft":
-        raise UsageError("--alpha-ratio applies to --format peft only")
+    for given, flag in (
+        (alpha_ratio is not None, "--alpha-ratio"),
+        (allow_unmatched, "--allow-unmatched"),
+    ):
+        if given and chosen != "peft":
+            raise UsageError(f"{flag} applies to --format peft only")
     loaded = load_analysis(analysis)
     plans = rules.recommend(
         loaded,
@@ -307,7 +334,7 @@ def recommend(
     if chosen == "table":
         tables.print_tables(_stdout(), [tables.plans_table(plans)])
         return
-    text = _rank_text(loaded, plans, chosen, alpha_ratio, str(analysis))
+    text = _rank_text(loaded, plans, chosen, alpha_ratio, str(analysis), allow_unmatched)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -316,22 +343,38 @@ def recommend(
 
 
 def _rank_text(
-    analysis: Analysis, plans: list[RankPlan], chosen: str, alpha_ratio: float | None, source: str
+    analysis: Analysis,
+    plans: list[RankPlan],
+    chosen: str,
+    alpha_ratio: float | None,
+    source: str,
+    allow_unmatched: bool,
 ) -> str:
     """Render plans in a machine format; JSON formats take one plan (the default rule's)."""
     if chosen in ("csv", "markdown"):
         return formats.plans_table_text(plans, chosen)
     plan = rules.one_plan(analysis, plans)
-    text = formats.config_text(plan, chosen, alpha_ratio, source)
-    left_out = formats.peft_untargeted(plan) if chosen == "peft" else []
-    if left_out:
-        say(
-            f"svdrank: {len(left_out)} fused expert matrices ({left_out[0]}, …) have ranks "
-            "that a PEFT config cannot target per expert; they are left out"
-        )
+    text = formats.config_text(plan, chosen, alpha_ratio, source, analysis.model, allow_unmatched)
+    if chosen == "peft":
+        _say_left_out(peft_targets(plan, analysis.model))
     if len(plans) > 1:
         say(f"svdrank: no rule given: writing the {plan.rule.label} plan ({plan.rule.value:.2f})")
     return text
+
+
+def _say_left_out(found: PeftTargets) -> None:
+    """Tell which modules with a rank the PEFT config leaves out, and why."""
+    if found.untargetable:
+        say(
+            f"svdrank: {len(found.untargetable)} fused expert matrices "
+            f"({found.untargetable[0]}, …) have ranks that a PEFT config cannot target per "
+            "expert without the model's config.json; they are left out"
+        )
+    if found.unmatched:
+        say(
+            f"svdrank: warning: {len(found.unmatched)} modules ({found.unmatched[0]}, …) have "
+            "no counterpart in the model transformers builds; they are left out"
+        )
 
 
 @app.command()

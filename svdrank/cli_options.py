@@ -194,6 +194,15 @@ RecommendAlphaRatio = Annotated[
         show_default=False,
     ),
 ]
+RecommendAllowUnmatched = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unmatched",
+        help="With --format peft: when the analysis mapped the checkpoint to the model "
+        "transformers builds (a config.json beside it), leave out modules that model does not "
+        "have instead of refusing.",
+    ),
+]
 RecommendOutputFormat = Annotated[
     RankFormat | None,
     typer.Option(
@@ -252,6 +261,15 @@ CheckAnalysis = Annotated[
     typer.Option(
         help="Analysis file from `svdrank diff`: energies for --min-energy, and layer "
         "shapes for PEFT configs that have none.",
+        show_default=False,
+    ),
+]
+CheckModel = Annotated[
+    Path | None,
+    typer.Option(
+        help="A Hugging Face model directory (its config.json is enough): build the model "
+        "transformers makes from it on the meta device, apply the config with PEFT and report "
+        "every module of the config that does not get its rank. Needs svdrank[hf].",
         show_default=False,
     ),
 ]

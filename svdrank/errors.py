@@ -31,3 +31,7 @@ class UsageError(SvdrankError):
 
 class OutputError(SvdrankError):
     """An output cannot be written (read-only folder, full disk, a file where a folder goes)."""
+
+
+class SvdrankWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it on one line."""

@@ -124,6 +124,46 @@ class Layer:
     stack: str = ""
     expert: int | None = None
     part: int | None = None
+    target: Target | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a layer's update lands in the model ``transformers`` builds from its config.
+
+    ``name`` is the runtime module (``layers.0.attention.q_proj``) or, for a
+    weight that is not a module's ``weight`` (a fused 3-D expert tensor),
+    the runtime parameter (``model.layers.0.mlp.experts.gate_up_proj``).
+    ``module_type`` is the module's class name (``Linear``, ``Conv1D``,
+    ``Embedding``…) or ``parameter``.
+    """
+
+    name: str
+    module_type: str
+
+    @property
+    def is_parameter(self) -> bool:
+        """Whether PEFT reaches it through ``target_parameters`` rather than ``target_modules``."""
+        return self.module_type == PARAMETER
+
+
+PARAMETER = "parameter"
+"""Target.module_type of a weight PEFT can reach only as a parameter."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The Hugging Face model a checkpoint belongs to, from its ``config.json``.
+
+    ``transformers`` is the version that mapped the checkpoint's names to the
+    runtime model's (None when it was not installed: the names are then the
+    checkpoint's own).
+    """
+
+    config: str
+    model_type: str
+    architecture: str
+    transformers: str | None
 
 
 @dataclass(frozen=True)
@@ -230,6 +270,10 @@ class LayerResult:
     spectrum : Spectrum
     seconds : float
         Time spent decomposing (not stored with the numbers' identity).
+    target : Target or None
+        The module or parameter of the runtime model the update applies to;
+        None when the model was not built (no ``config.json`` or no
+        ``transformers``) or has no counterpart.
     """
 
     module: str
@@ -245,6 +289,7 @@ class LayerResult:
     seconds: float = 0.0
     stack: str = ""
     expert: int | None = None
+    target: Target | None = None
 
     @property
     def full_params(self) -> int:
@@ -278,6 +323,8 @@ class Analysis:
         ISO 8601 time of the analysis (UTC).
     version : str
         The svdrank version that computed it.
+    model : ModelInfo or None
+        The Hugging Face model of the checkpoint, when it has a ``config.json``.
     """
 
     inputs: dict[str, Any]
@@ -286,6 +333,7 @@ class Analysis:
     skipped: tuple[Skipped, ...]
     created: str = ""
     version: str = __version__
+    model: ModelInfo | None = None
 
     @property
     def max_target(self) -> float:

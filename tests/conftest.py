@@ -25,7 +25,8 @@ SAMPLES = REPO / "sample_checkpoints"
 
 def write_checkpoint(path: Path, tensors: dict[str, np.ndarray]) -> Path:
     """Write tensors with safetensors' own writer (an independent reference for our reader)."""
-    save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, path)
+    # np.ascontiguousarray would turn a 0-d tensor (CLIP's logit_scale) into shape (1,).
+    save_file({name: np.require(value, requirements="C") for name, value in tensors.items()}, path)
     return path
 
 

@@ -1,4 +1,4 @@
-"""The analysis file (schema ``svdrank.analysis/2``): the JSON record, saving and loading.
+"""The analysis file (schema ``svdrank.analysis/3``): the JSON record, saving and loading.
 
 ``svdrank diff`` writes it once; ``recommend``, ``plot`` and ``check`` read it,
 so no later command touches the checkpoints again.
@@ -16,13 +16,16 @@ from svdrank.errors import AnalysisFileError
 from svdrank.files import dumps, read_json_object, write_files_atomically
 from svdrank.types import Analysis, AnalysisSettings, LayerResult
 
-ANALYSIS_SCHEMA = "svdrank.analysis/2"
-READABLE_SCHEMAS = ("svdrank.analysis/1", ANALYSIS_SCHEMA)
+ANALYSIS_SCHEMA = "svdrank.analysis/3"
+READABLE_SCHEMAS = ("svdrank.analysis/1", "svdrank.analysis/2", ANALYSIS_SCHEMA)
 """Version 1 files lack ``stack`` and ``expert`` (read as one stack, no experts) and store
-the last name component as ``kind``."""
+the last name component as ``kind``; versions 1 and 2 lack ``model`` and each layer's
+``target`` (read as null: the checkpoint's names)."""
 DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
+
+
 def analysis_record(analysis: Analysis) -> dict[str, Any]:
-    """Convert an analysis to the JSON object of schema ``svdrank.analysis/2``.
+    """Convert an analysis to the JSON object of schema ``svdrank.analysis/3``.
 
     Parameters
     ----------
@@ -31,15 +34,17 @@ def analysis_record(analysis: Analysis) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``schema``, ``svdrank_version``, ``created``, ``inputs``, the flat
-        ``settings`` (see :func:`settings_record`), one record per layer with
-        its singular values, and the ``skipped`` tensors with their reasons.
+        ``schema``, ``svdrank_version``, ``created``, ``inputs``, the
+        ``model`` of its ``config.json`` (or null), the flat ``settings`` (see
+        :func:`settings_record`), one record per layer with its singular values
+        and runtime ``target``, and the ``skipped`` tensors with their reasons.
     """
     return {
         "schema": ANALYSIS_SCHEMA,
         "svdrank_version": analysis.version,
         "created": analysis.created,
         "inputs": analysis.inputs,
+        "model": None if analysis.model is None else asdict(analysis.model),
         "settings": settings_record(analysis.settings),
         "layers": [_layer_record(layer) for layer in analysis.layers],
         "skipped": [
@@ -74,6 +79,11 @@ def _layer_record(layer: LayerResult) -> dict[str, Any]:
         "complete": layer.spectrum.complete,
         "engine": layer.spectrum.engine,
         "seconds": round(layer.seconds, 4),
+        "target": (
+            None
+            if layer.target is None
+            else {"name": layer.target.name, "type": layer.target.module_type}
+        ),
     }
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import numpy as np
 
 from svdrank.analysis.adapter import analyze_adapter
 from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
-from svdrank.errors import UsageError
+from svdrank.errors import SvdrankWarning, UsageError
 from svdrank.inputs.adapter import is_adapter
-from svdrank.inputs.checkpoint import describe_input, open_checkpoint
+from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
+from svdrank.inputs.model import model_config_path, runtime_targets
 from svdrank.inputs.pairing import pair_checkpoints
 from svdrank.spectra.engines import decompose
 from svdrank.types import (
@@ -32,6 +34,7 @@ from svdrank.types import (
     EngineSettings,
     Layer,
     LayerResult,
+    ModelInfo,
     Progress,
     ProgressUpdate,
     Spectrum,
@@ -140,14 +143,43 @@ def analyze(
     pairing = pair_checkpoints(
         base_checkpoint, tuned_checkpoint, settings.include, settings.exclude, include_conv
     )
-    results = tuple(_analyze_layers(pairing.layers, settings, workers, progress))
+    model, layers = _place_in_model(pairing.layers, tuned_checkpoint, base_checkpoint)
+    results = tuple(_analyze_layers(layers, settings, workers, progress))
     return Analysis(
         inputs={"base": describe_input(base_checkpoint), "tuned": describe_input(tuned_checkpoint)},
         settings=settings,
         layers=results,
         skipped=pairing.skipped,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=model,
     )
+
+
+def _place_in_model(
+    layers: tuple[Layer, ...], *checkpoints: Checkpoint
+) -> tuple[ModelInfo | None, tuple[Layer, ...]]:
+    """Give each layer its runtime target when a checkpoint (tuned first) has a ``config.json``."""
+    for checkpoint in checkpoints:
+        config = model_config_path(checkpoint.path)
+        if config is not None:
+            model, targets = runtime_targets(config, checkpoint.tensors)
+            placed = tuple(replace(layer, target=targets.get(layer.name)) for layer in layers)
+            _warn_unmatched(model, placed)
+            return model, placed
+    return None, layers
+
+
+def _warn_unmatched(model: ModelInfo, layers: tuple[Layer, ...]) -> None:
+    """Warn when transformers built the model but some layers have no counterpart in it."""
+    unmatched = [layer.module for layer in layers if layer.target is None]
+    if model.transformers is not None and unmatched:
+        warnings.warn(
+            f"{len(unmatched)} of {len(layers)} layers ({unmatched[0]}, …) have no counterpart "
+            f"in {model.architecture or model.model_type} as transformers {model.transformers} "
+            "builds it; a PEFT config cannot target them",
+            SvdrankWarning,
+            stacklevel=2,
+        )
 
 
 def _refuse_for_adapters(settings: AnalysisSettings, workers: int) -> None:
@@ -157,8 +189,10 @@ def _refuse_for_adapters(settings: AnalysisSettings, workers: int) -> None:
     spectra come exactly from each module's r×r core.
     """
     default = AnalysisSettings(
-        engine=EngineSettings(complete=settings.engine.complete), metric=settings.metric,
-        include=settings.include, exclude=settings.exclude,
+        engine=EngineSettings(complete=settings.engine.complete),
+        metric=settings.metric,
+        include=settings.include,
+        exclude=settings.exclude,
     )
     given = [
         f"--{item.name.replace('_', '-')}"
@@ -251,6 +285,7 @@ def _analyze_layer(
         seconds=time.perf_counter() - started,
         stack=layer.stack,
         expert=layer.expert,
+        target=layer.target,
     )
 
 

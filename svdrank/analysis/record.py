@@ -22,8 +22,10 @@ from svdrank.types import (
     AnalysisSettings,
     EngineSettings,
     LayerResult,
+    ModelInfo,
     Skipped,
     Spectrum,
+    Target,
 )
 
 MAX_DIMENSION = 2**40
@@ -40,6 +42,7 @@ _Kind = tuple[tuple[type, ...], str]
 _OBJECT: _Kind = ((dict,), "an object")
 _LIST: _Kind = ((list,), "a list")
 _TEXT: _Kind = ((str,), "a string")
+_OPTIONAL_TEXT: _Kind = ((str, type(None)), "a string or null")
 _FLAG: _Kind = ((bool,), "true or false")
 _NUMBER: _Kind = ((int, float), "a number")
 _OPTIONAL_NUMBER: _Kind = ((int, float, type(None)), "a number or null")
@@ -135,6 +138,33 @@ def analysis_from_record(record: dict[str, Any]) -> Analysis:
         skipped=skipped,
         created=_get(record, "created", "", _TEXT, ""),
         version=_get(record, "svdrank_version", "", _TEXT, ""),
+        model=_model(record.get("model")),
+    )
+
+
+def _model(stored: Any) -> ModelInfo | None:
+    """Check the ``model`` record (null, or the fields of ModelInfo) and build it."""
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise FieldError(f"model: must be an object or null, got {stored!r:.60}")
+    return ModelInfo(
+        config=_get(stored, "config", "model", _TEXT),
+        model_type=_get(stored, "model_type", "model", _TEXT),
+        architecture=_get(stored, "architecture", "model", _TEXT),
+        transformers=_get(stored, "transformers", "model", _OPTIONAL_TEXT),
+    )
+
+
+def _target(stored: Any, where: str) -> Target | None:
+    """Check a layer's ``target`` record (null, or a name and a type) and build it."""
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise FieldError(f"{where}.target: must be an object or null, got {stored!r:.60}")
+    return Target(
+        _get(stored, "name", f"{where}.target", _TEXT),
+        _get(stored, "type", f"{where}.target", _TEXT),
     )
 
 
@@ -167,6 +197,7 @@ def _layer_from_record(stored: Any, index: int) -> LayerResult:
         seconds=_norm(stored, "seconds", where, _NUMBER, 0.0),
         stack=_get(stored, "stack", where, _TEXT, ""),
         expert=_index(stored, "expert", where, None),
+        target=_target(stored.get("target"), where),
     )
 
 

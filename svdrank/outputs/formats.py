@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,8 +11,8 @@ from typing import Any
 from svdrank.errors import UsageError
 from svdrank.files import dumps
 from svdrank.inputs.checkpoint import Checkpoint
-from svdrank.inputs.names import is_expert_slice
-from svdrank.types import CheckReport, RankPlan, Violation
+from svdrank.outputs.peft import DEFAULT_ALPHA_RATIO, peft_record
+from svdrank.types import CheckReport, ModelInfo, RankPlan, Violation
 
 INSPECT_SCHEMA = "svdrank.inspect/1"
 RANK_FORMATS = ("table", "json", "peft", "csv", "markdown")
@@ -69,9 +67,6 @@ def inspect_record(checkpoint: Checkpoint) -> dict[str, Any]:
 RANKS_SCHEMA = "svdrank.ranks/2"
 RANKS_SCHEMAS = ("svdrank.ranks/1", RANKS_SCHEMA)
 """Rank config schemas ``check`` reads (their ``modules`` are alike)."""
-DEFAULT_ALPHA_RATIO = 2.0
-"""lora_alpha = 2·r for every module: the common r=16/α=32 recipe, kept per module so the
-LoRA scale α/r is the same everywhere whatever rank a module gets."""
 
 
 RULE_FIELDS = {
@@ -134,73 +129,6 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
             "energy": round(rank_plan.energy, 6),
         },
     }
-
-
-def peft_record(rank_plan: RankPlan, alpha_ratio: float = DEFAULT_ALPHA_RATIO) -> dict[str, Any]:
-    r"""Convert a plan to keyword arguments that ``peft.LoraConfig(**record)`` accepts as is.
-
-    Every module with a non-zero rank is targeted by its full name, except the
-    experts of a fused ``[experts, out, in]`` tensor: PEFT's ``target_modules``
-    cannot reach one expert of a parameter (see :func:`peft_untargeted`). ``r`` is the
-    most common rank; the others go to ``rank_pattern`` (and their alpha to
-    ``alpha_pattern``) keyed by full module name. PEFT matches a pattern key
-    with ``re.match(rf"(.*\.)?({key})$", module_name)``, so a full name only
-    matches itself or the same path under a wrapper prefix: ``layers.1.`` can
-    never catch ``layers.11.``.
-
-    Parameters
-    ----------
-    rank_plan : RankPlan
-    alpha_ratio : float
-        ``lora_alpha`` of each module as a multiple of its rank.
-
-    Returns
-    -------
-    dict
-        ``r``, ``lora_alpha``, ``target_modules``, ``rank_pattern`` and
-        ``alpha_pattern``.
-
-    Raises
-    ------
-    UsageError
-        If every layer got rank 0, leaving nothing to target.
-    """
-    if not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
-        raise UsageError(f"--alpha-ratio must be a finite number > 0, got {alpha_ratio}")
-    untargeted = set(peft_untargeted(rank_plan))
-    targeted = [
-        item for item in rank_plan.layers if item.rank > 0 and item.layer.module not in untargeted
-    ]
-    if not targeted:
-        raise UsageError(
-            "no layer can be targeted: every rank is 0 (the updates are zero) or belongs to "
-            "a fused expert tensor"
-        )
-    ranks = Counter(item.rank for item in targeted)
-    default = max(sorted(ranks), key=lambda rank: ranks[rank])
-    different = [item for item in targeted if item.rank != default]
-    return {
-        "r": default,
-        "lora_alpha": _alpha(default, alpha_ratio),
-        "target_modules": [item.layer.module for item in targeted],
-        "rank_pattern": {item.layer.module: item.rank for item in different},
-        "alpha_pattern": {item.layer.module: _alpha(item.rank, alpha_ratio) for item in different},
-    }
-
-
-def peft_untargeted(rank_plan: RankPlan) -> list[str]:
-    """List the modules with a rank that a PEFT config cannot target: fused expert slices."""
-    return [
-        item.layer.module
-        for item in rank_plan.layers
-        if item.rank > 0 and is_expert_slice(item.layer.module)
-    ]
-
-
-def _alpha(rank: int, ratio: float) -> float | int:
-    """lora_alpha = ratio·rank, as an int when it is whole."""
-    alpha = ratio * rank
-    return int(alpha) if float(alpha).is_integer() else alpha
 
 
 PLAN_COLUMNS = ("module", "kind", "block", "shape")
@@ -320,12 +248,21 @@ def rank_format(requested: str | None, output: Path | None, piped: bool) -> str:
 
 
 def config_text(
-    rank_plan: RankPlan, rank_format: str, alpha_ratio: float | None, source: str | None
+    rank_plan: RankPlan,
+    rank_format: str,
+    alpha_ratio: float | None,
+    source: str | None,
+    model: ModelInfo | None = None,
+    allow_unmatched: bool = False,
 ) -> str:
-    """Render one plan as a native (``json``) or PEFT (``peft``) config, strict JSON."""
+    """Render one plan as a native (``json``) or PEFT (``peft``) config, strict JSON.
+
+    ``model`` and ``allow_unmatched`` apply to PEFT configs (see
+    :func:`svdrank.outputs.peft.peft_record`).
+    """
     if rank_format == "peft":
         ratio = DEFAULT_ALPHA_RATIO if alpha_ratio is None else alpha_ratio
-        return dumps(peft_record(rank_plan, ratio))
+        return dumps(peft_record(rank_plan, ratio, model, allow_unmatched))
     return dumps(ranks_record(rank_plan, source))
 
 
