@@ -42,8 +42,9 @@ from svdrank.files import (
     write_files_atomically,
 )
 from svdrank.inputs.checkpoint import open_checkpoint
+from svdrank.inputs.model import adapted_ranks, model_config_path
 from svdrank.outputs import formats, tables
-from svdrank.outputs.configs import read_allocation
+from svdrank.outputs.configs import lora_kwargs, read_allocation
 from svdrank.outputs.peft import PeftTargets, peft_targets
 from svdrank.ranks import rules
 from svdrank.ranks.budget import parse_count
@@ -405,6 +406,7 @@ def check(
     max_rank: options.CheckMaxRank = None,
     min_energy: options.CheckMinEnergy = None,
     analysis: options.CheckAnalysis = None,
+    model: options.CheckModel = None,
     output_format: options.CheckOutputFormat = options.CheckFormat["text"],
 ) -> None:
     """CI gate: exit 0 when every limit holds, 1 when any is broken, 2 on bad input."""
@@ -415,6 +417,7 @@ def check(
         max_rank=max_rank,
         min_energy=min_energy,
         analysis=loaded,
+        adapted=None if model is None else _adapted_ranks(target, model),
     )
     if _value(output_format) == "json":
         sys.stdout.write(dumps(formats.report_record(report)))
@@ -422,6 +425,16 @@ def check(
         sys.stdout.write(formats.report_text(report))
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _adapted_ranks(target: Path, model: Path) -> dict[str, int]:
+    """Apply the PEFT config ``target`` to the model of ``model``'s config.json with PEFT."""
+    config = model_config_path(model)
+    if config is None:
+        raise UsageError(
+            f"{model}: no config.json there; --model takes a Hugging Face model folder"
+        )
+    return adapted_ranks(config, lora_kwargs(target))
 
 
 def main() -> None:

@@ -744,13 +744,17 @@ def _planted_update(rng: np.random.Generator, weight: np.ndarray) -> np.ndarray:
     return (u * (PLANTED_SHARES * scale)) @ v.T
 
 
-@pytest.fixture(scope="module", params=list(BUILDERS))
-def planted(request, tmp_path_factory) -> PlantedPair:
-    family = request.param
-    folder = tmp_path_factory.mktemp(family)
+def plant_pair(
+    family: str, folder: Path, extra: dict[str, np.ndarray] | None = None
+) -> PlantedPair:
+    """Save a tiny model of ``family`` as base and tuned Hugging Face folders, with updates.
+
+    Every floating matrix of at least 4×4 gets a planted rank-3 update; ``extra``
+    tensors (not part of the model) are added to both sides as they are given.
+    """
     BUILDERS[family]().save_pretrained(folder / "saved")
     saved = load_file(folder / "saved" / "model.safetensors")
-    base = {name: value.astype(np.float32) for name, value in saved.items()}
+    base = {name: value.astype(np.float32) for name, value in saved.items()} | (extra or {})
     rng = np.random.default_rng(20240611)
     tuned = dict(base)
     deltas = {}
@@ -763,6 +767,11 @@ def planted(request, tmp_path_factory) -> PlantedPair:
         shutil.copy(folder / "saved" / "config.json", folder / side / "config.json")
         write_checkpoint(folder / side / "model.safetensors", tensors)
     return PlantedPair(family, folder / "base", folder / "tuned", deltas)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def planted(request, tmp_path_factory) -> PlantedPair:
+    return plant_pair(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _diff(run_cli, pair: PlantedPair, folder: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The analysis file (schema ``svdrank.analysis/3``): the JSON record, saving and loading.
+"""The analysis file (schema ``svdrank.analysis/2``): the JSON record, saving and loading.
 
 ``svdrank diff`` writes it once; ``recommend``, ``plot`` and ``check`` read it,
 so no later command touches the checkpoints again.
@@ -16,16 +16,16 @@ from svdrank.errors import AnalysisFileError
 from svdrank.files import dumps, read_json_object, write_files_atomically
 from svdrank.types import Analysis, AnalysisSettings, LayerResult
 
-ANALYSIS_SCHEMA = "svdrank.analysis/3"
-READABLE_SCHEMAS = ("svdrank.analysis/1", "svdrank.analysis/2", ANALYSIS_SCHEMA)
+ANALYSIS_SCHEMA = "svdrank.analysis/2"
+READABLE_SCHEMAS = ("svdrank.analysis/1", ANALYSIS_SCHEMA)
 """Version 1 files lack ``stack`` and ``expert`` (read as one stack, no experts) and store
-the last name component as ``kind``; versions 1 and 2 lack ``model`` and each layer's
-``target`` (read as null: the checkpoint's names)."""
+the last name component as ``kind``. Files from before ``model`` and each layer's
+``target`` were added read them as null (the checkpoint's names)."""
 DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
 
 
 def analysis_record(analysis: Analysis) -> dict[str, Any]:
-    """Convert an analysis to the JSON object of schema ``svdrank.analysis/3``.
+    """Convert an analysis to the JSON object of schema ``svdrank.analysis/2``.
 
     Parameters
     ----------

@@ -125,23 +125,47 @@ def lora_config(record: dict[str, Any], path: Path, error: type[SvdrankError]) -
 
 
 def lora_targets(record: dict[str, Any], path: Path, error: type[SvdrankError]) -> str | list[str]:
-    """Check and return ``target_modules``: a regular expression, or a non-empty list of names.
+    """Check and return ``target_modules``: a regular expression, or a list of names.
+
+    The list may be empty only when ``target_parameters`` names something.
 
     Raises
     ------
     SvdrankError
         An ``error`` naming the file and ``target_modules`` when it is missing,
-        of another type, an empty list, or a string that is not a regular expression.
+        of another type, an empty list with no ``target_parameters``, or a
+        string that is not a regular expression.
     """
     targets = record.get("target_modules")
     if isinstance(targets, str) and _compiles(peft_targeted, targets):
         return targets
-    if isinstance(targets, list) and targets and all(isinstance(name, str) for name in targets):
+    if (
+        isinstance(targets, list)
+        and (targets or lora_parameters(record, path, error))
+        and all(isinstance(name, str) for name in targets)
+    ):
         return targets
     raise error(
         f"{path}: target_modules: must be a regular expression or a non-empty list of module "
         f"names, got {targets!r:.60}"
     )
+
+
+def lora_parameters(record: dict[str, Any], path: Path, error: type[SvdrankError]) -> list[str]:
+    """Check and return ``target_parameters`` (PEFT ≥ 0.17): a list of names, none when absent.
+
+    Raises
+    ------
+    SvdrankError
+        An ``error`` naming the file and ``target_parameters`` when it is not a
+        list of strings.
+    """
+    names = record.get("target_parameters")
+    if names is None:
+        return []
+    if isinstance(names, list) and all(isinstance(name, str) for name in names):
+        return names
+    raise error(f"{path}: target_parameters: must be a list of parameter names, got {names!r:.60}")
 
 
 def _lora_config(record: dict[str, Any]) -> AdapterConfig:

@@ -262,3 +262,62 @@ def runtime_targets(
         return read_model_info(config), {}
     names = runtime_names(model, tensor_names)
     return info, {name: target_of(model, renamed) for name, renamed in names.items()}
+
+
+def adapted_ranks(config: Path, lora_kwargs: dict[str, Any]) -> dict[str, int]:
+    """Apply a PEFT LoRA config to the model built from ``config`` and read the ranks it gives.
+
+    The real consumer decides: ``peft.get_peft_model`` on the meta-device model
+    (:func:`build_meta_model`), so name matching, ``rank_pattern`` and
+    ``target_parameters`` follow the installed PEFT exactly.
+
+    Parameters
+    ----------
+    config : Path
+        The model's ``config.json``.
+    lora_kwargs : dict
+        ``LoraConfig`` keyword arguments (keys LoraConfig does not have, such as
+        an ``adapter_config.json``'s ``peft_type``, are ignored).
+
+    Returns
+    -------
+    dict
+        Runtime name → rank PEFT built: the module name for a module, or
+        ``<module>.<parameter>`` for a wrapped parameter. Empty when PEFT finds
+        no target at all.
+
+    Raises
+    ------
+    UsageError
+        If transformers, torch or peft is missing, the model cannot be built,
+        or PEFT refuses the config for another reason than finding no target.
+    """
+    model = build_meta_model(config)
+    try:
+        peft = importlib.import_module("peft")
+    except ImportError:
+        raise UsageError(f"applying a PEFT config needs peft: {HF_EXTRA}") from None
+    known = set(peft.LoraConfig.__dataclass_fields__)
+    lora_config = peft.LoraConfig(**{k: v for k, v in lora_kwargs.items() if k in known})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = peft.get_peft_model(model, lora_config)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc):
+            return {}
+        raise UsageError(f"PEFT refuses this config: {' '.join(str(exc).split())[:300]}") from None
+    return {
+        _adapted_name(name, module): int(module.r["default"])
+        for name, module in wrapped.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+def _adapted_name(name: str, module: Any) -> str:
+    """Return the runtime name of a LoRA layer: its module, or its module and wrapped parameter."""
+    name = name.removeprefix("base_model.model.")
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    parameter = getattr(module, "parameter_name", None)
+    return f"{name}.{parameter}" if parameter else name

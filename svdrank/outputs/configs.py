@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from svdrank.analysis.record import MAX_DIMENSION
-from svdrank.errors import AnalysisFileError, UsageError
+from svdrank.errors import AnalysisFileError, CheckpointError, UsageError
 from svdrank.files import read_json_object
+from svdrank.inputs.adapter import (
+    CONFIG_NAME as ADAPTER_CONFIG,
+)
 from svdrank.inputs.adapter import (
     WEIGHTS_NAME,
     adapter_directory,
     is_adapter,
     lora_config,
     lora_modules,
+    lora_parameters,
     lora_targets,
     read_adapter_config,
 )
@@ -60,6 +64,31 @@ def read_allocation(path: str | Path, analysis: Analysis | None = None) -> Alloc
         f"{path}: neither a svdrank rank config ({RANKS_SCHEMA}) nor a PEFT LoRA config "
         "(with 'r' and 'target_modules')"
     )
+
+
+def lora_kwargs(path: str | Path) -> dict[str, Any]:
+    """Read the ``LoraConfig`` keyword arguments of a PEFT config or adapter, for ``check --model``.
+
+    Raises
+    ------
+    UsageError
+        If the target is a native rank config: PEFT applies PEFT configs only
+        (``recommend --format peft`` writes one).
+    AnalysisFileError, CheckpointError
+        If the file cannot be read as a JSON object.
+    """
+    path = Path(path)
+    if is_adapter(path):
+        return read_json_object(
+            adapter_directory(path) / ADAPTER_CONFIG, "adapter config", CheckpointError
+        )
+    record = read_json_object(path, "rank config", AnalysisFileError)
+    if record.get("schema") in RANKS_SCHEMAS:
+        raise UsageError(
+            f"{path}: --model applies a PEFT config to the model; write one with "
+            "`svdrank recommend --format peft`"
+        )
+    return record
 
 
 def _native_allocation(path: Path, record: dict[str, Any]) -> Allocation:
@@ -105,6 +134,9 @@ def _peft_allocation(path: Path, record: dict[str, Any], analysis: Analysis | No
         if layers
         else _literal_targets(path, targets)
     )
+    names += [
+        name for name in lora_parameters(record, path, AnalysisFileError) if name not in names
+    ]
     modules = []
     for name in names:
         key = pattern_key(patterns, name)

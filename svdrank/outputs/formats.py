@@ -211,14 +211,22 @@ def report_text(report: CheckReport) -> str:
         f"{len(allocation.modules)} modules, {params} LoRA parameters, "
         f"max rank {allocation.max_rank}"
     ]
-    for violation in report.violations:
-        value, bound = _format_limit(violation)
-        lines.append(
-            f"  {violation.limit}: {violation.module}: {value} > {bound}"
-            if violation.limit != "min-energy"
-            else f"  {violation.limit}: {violation.module}: keeps {value} < {bound}"
-        )
+    lines += [
+        f"  {violation.limit}: {violation.module}: {_judged(violation)}"
+        for violation in report.violations
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _judged(violation: Violation) -> str:
+    """Say how one violation breaks its limit."""
+    value, bound = _format_limit(violation)
+    if violation.limit == "min-energy":
+        return f"keeps {value} < {bound}"
+    if violation.limit == "model":
+        got = "not adapted" if violation.value == 0 else f"adapted at rank {value}"
+        return f"{got} in the model, config says rank {bound}"
+    return f"{value} > {bound}"
 
 
 def _format_limit(violation: Violation) -> tuple[str, str]:

@@ -14,6 +14,8 @@ from svdrank.types import Allocation, Analysis, CheckReport, LayerResult, Violat
 
 TOTAL = "(total)"
 """The module name of a violation of the total parameter limit."""
+MODEL = "model"
+"""The limit of a module that the model, with the config applied by PEFT, does not give its rank."""
 
 
 def check_allocation(
@@ -22,6 +24,7 @@ def check_allocation(
     max_rank: int | None = None,
     min_energy: float | None = None,
     analysis: Analysis | None = None,
+    adapted: dict[str, int] | None = None,
 ) -> CheckReport:
     """Find every violation of the limits given.
 
@@ -37,6 +40,10 @@ def check_allocation(
         energy, by ``analysis``.
     analysis : Analysis, optional
         Needed for ``min_energy``.
+    adapted : dict, optional
+        The ranks PEFT built when it applied the config to the model (runtime
+        name → rank, see :func:`svdrank.inputs.model.adapted_ranks`): every
+        module of the allocation must be among them with its rank.
 
     Returns
     -------
@@ -50,8 +57,10 @@ def check_allocation(
         If no limit is given, ``min_energy`` comes without an analysis, shapes
         are unknown for ``max_params``, or a module is missing from the analysis.
     """
-    if max_params is None and max_rank is None and min_energy is None:
-        raise UsageError("give at least one limit: --max-params, --max-rank or --min-energy")
+    if max_params is None and max_rank is None and min_energy is None and adapted is None:
+        raise UsageError(
+            "give at least one limit: --max-params, --max-rank, --min-energy or --model"
+        )
     if max_rank is not None and max_rank < 0:
         raise UsageError(f"--max-rank must be ≥ 0, got {max_rank}")
     violations: list[Violation] = []
@@ -65,6 +74,8 @@ def check_allocation(
         ]
     if min_energy is not None:
         violations += _energy_violations(allocation, min_energy, analysis)
+    if adapted is not None:
+        violations += _model_violations(allocation, adapted)
     limits = {"max_params": max_params, "max_rank": max_rank, "min_energy": min_energy}
     return CheckReport(allocation, limits, tuple(violations))
 
@@ -93,6 +104,21 @@ def _energy_violations(
         kept = retained_energy(layer.spectrum, item.rank, analysis.settings.metric)
         if kept < min_energy:
             violations.append(Violation(item.module, "min-energy", kept, min_energy))
+    return violations
+
+
+def _model_violations(allocation: Allocation, adapted: dict[str, int]) -> list[Violation]:
+    """Modules of the allocation the model does not adapt, or adapts at another rank (0 = none).
+
+    A name matches the runtime names it equals up to a dotted prefix, so a short
+    PEFT target (``q_proj``) is judged at every module it reaches.
+    """
+    violations = []
+    for item in allocation.modules:
+        ranks = [rank for name, rank in adapted.items() if same_module(name, item.module)]
+        wrong = [rank for rank in ranks if rank != item.rank]
+        if not ranks or wrong:
+            violations.append(Violation(item.module, MODEL, wrong[0] if wrong else 0, item.rank))
     return violations
 
 
