@@ -39,13 +39,16 @@ AnalysisArgument = Annotated[Path, typer.Argument(help="Analysis file written by
 IncludeOption = Annotated[
     list[str] | None,
     typer.Option(
-        help="Only modules matching this glob (repeatable).", metavar="GLOB", show_default=False
+        help="Only modules matching this glob on the name, or FIELD=GLOB on a field of "
+        "their place: kind=mlp.*, stack=vision_model, block=1?, expert=3 (repeatable).",
+        metavar="GLOB",
+        show_default=False,
     ),
 ]
 ExcludeOption = Annotated[
     list[str] | None,
     typer.Option(
-        help="Leave out modules matching this glob (repeatable).",
+        help="Leave out modules matching this glob (or FIELD=GLOB, as --include; repeatable).",
         metavar="GLOB",
         show_default=False,
     ),

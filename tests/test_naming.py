@@ -20,7 +20,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from svdrank.inputs.names import ModuleName, name_modules, short_kinds
+from svdrank.inputs.names import ModuleName, module_of, name_modules, short_kinds
 from tests.conftest import SAMPLES, write_checkpoint
 
 
@@ -942,3 +942,33 @@ def test_encoder_sample_has_six_kinds_per_block_at_their_planted_ranks(tmp_path,
             assert expected == (2 if layer["kind"].endswith("query") else 4)
             values = np.asarray(layer["singular_values"])
             assert int(np.count_nonzero(values > 1e-4 * values[0])) == expected
+
+
+@pytest.mark.parametrize("planted", ["t5"], indirect=True)
+def test_include_and_exclude_select_by_kind_and_stack(run_cli, planted, tmp_path):
+    output = tmp_path / "a.json"
+    result = run_cli(
+        "diff",
+        planted.base,
+        planted.tuned,
+        "-o",
+        output,
+        "--format",
+        "json",
+        "--include",
+        "kind=*EncDecAttention.?",
+        "--exclude",
+        "block=0",
+    )
+    assert result.exit_code == 0, result.stderr
+    layers = json.loads(output.read_text())["layers"]
+    expected = {f"decoder.block.1.layer.1.EncDecAttention.{name}" for name in ("q", "k", "v", "o")}
+    assert {layer["module"] for layer in layers} == expected
+    assert {layer["module"] for layer in layers} == {
+        module_of(name)
+        for name in planted.deltas
+        if "EncDecAttention" in name and name.startswith("decoder.block.1.")
+    }
+
+    kept = run_cli("plot", output, "-o", tmp_path / "plots", "--include", "kind=*.q")
+    assert kept.exit_code == 0, kept.stderr

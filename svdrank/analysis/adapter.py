@@ -76,12 +76,13 @@ def analyze_adapter(path: str | Path, settings: AnalysisSettings | None = None) 
     config = read_adapter_config(directory)
     weights = open_checkpoint(directory / WEIGHTS_NAME)
     chosen, skipped = [], []
-    for lora in lora_modules(weights):
-        if selected(lora.module, settings.include, settings.exclude):
+    found = lora_modules(weights)
+    names = name_modules([lora.module for lora in found])
+    for lora in found:
+        if selected(lora.module, settings.include, settings.exclude, names[lora.module]):
             chosen.append(lora)
         else:
             skipped.append(Skipped(lora.module, "excluded"))
-    names = name_modules([lora.module for lora in chosen])
     if not chosen:
         raise PairingError(f"{directory}: no adapter module matches --include/--exclude")
     return Analysis(

@@ -47,11 +47,43 @@ def role_of(kind: str, ndim: int) -> str:
     return "linear"
 
 
-def selected(module: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    """Whether a module passes the include and exclude glob patterns."""
-    if include and not any(fnmatch.fnmatchcase(module, pattern) for pattern in include):
+PLACE_FIELDS = ("stack", "block", "expert", "kind")
+"""The fields of a module's place that an include/exclude pattern can name: ``kind=mlp.*``."""
+
+
+def selected(
+    module: str,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    place: ModuleName | None = None,
+) -> bool:
+    """Whether a module passes the include and exclude patterns.
+
+    A pattern is an ``fnmatch`` glob on the full module name, or
+    ``FIELD=GLOB`` on one field of its place (``kind=self_attn.*``,
+    ``stack=vision_model``, ``block=1?``, ``expert=3``; a field that is None
+    reads as empty).
+
+    Examples
+    --------
+    >>> place = ModuleName("encoder", 1, None, "layer.SelfAttention.q")
+    >>> selected("encoder.block.1.layer.0.SelfAttention.q", ["kind=*Attention.q"], [], place)
+    True
+    >>> selected("encoder.block.1.layer.0.SelfAttention.q", [], ["stack=encoder"], place)
+    False
+    """
+    if include and not any(_matches(module, pattern, place) for pattern in include):
         return False
-    return not any(fnmatch.fnmatchcase(module, pattern) for pattern in exclude)
+    return not any(_matches(module, pattern, place) for pattern in exclude)
+
+
+def _matches(module: str, pattern: str, place: ModuleName | None) -> bool:
+    """Match one pattern: a glob on the name, or FIELD=GLOB on a field of the place."""
+    field, equals, glob = pattern.partition("=")
+    if equals and field in PLACE_FIELDS:
+        value = None if place is None else getattr(place, field)
+        return fnmatch.fnmatchcase("" if value is None else str(value), glob)
+    return fnmatch.fnmatchcase(module, pattern)
 
 
 def peft_targeted(targets: str | Iterable[str], module: str) -> bool:
@@ -139,9 +171,7 @@ def name_modules(modules: Sequence[str]) -> dict[str, ModuleName]:
     """
     parts = {module: module.split(".") for module in modules}
     blocks = {module: _first_integer(tokens) for module, tokens in parts.items()}
-    stacks = _stack_names(
-        {".".join(parts[m][:b]) for m, b in blocks.items() if b is not None}
-    )
+    stacks = _stack_names({".".join(parts[m][:b]) for m, b in blocks.items() if b is not None})
     varying = _varying_positions(parts, blocks)
     named = {}
     for module, tokens in parts.items():

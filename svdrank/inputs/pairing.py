@@ -76,11 +76,12 @@ def pair_checkpoints(
     layers: list[Layer] = []
     skipped: list[Skipped] = []
     for key, info in base_keys.items():
-        outcome = _classify(info, tuned_keys.get(key), include, exclude, include_conv)
+        place = names[module_of(info.name)]
+        outcome = _classify(info, tuned_keys.get(key), include, exclude, include_conv, place)
         if isinstance(outcome, Skipped):
             skipped.append(outcome)
         else:
-            layers += _layers(info, tuned_keys[key], outcome, names[module_of(info.name)])
+            layers += _layers(info, tuned_keys[key], outcome, place)
     skipped += [
         Skipped(info.name, "only-in-tuned")
         for key, info in tuned_keys.items()
@@ -99,6 +100,7 @@ def _classify(
     include: Sequence[str],
     exclude: Sequence[str],
     include_conv: bool,
+    place: ModuleName,
 ) -> Skipped | list[tuple[str, tuple[int, int], int | None]]:
     """Decide whether a base tensor and its tuned partner make layers: (module, shape, part)."""
     if tuned is None:
@@ -115,7 +117,7 @@ def _classify(
     if len(base.shape) not in (2, 4) and not _fused_experts(base):
         return Skipped(base.name, "not-2d", str(list(base.shape)))
     module = module_of(base.name)
-    if not selected(module, include, exclude):
+    if not selected(module, include, exclude, place):
         return Skipped(base.name, "excluded")
     if _fused_experts(base):
         return [

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from svdrank.errors import UsageError
-from svdrank.inputs.names import selected
+from svdrank.inputs.names import ModuleName, selected
 from svdrank.ranks.budget import OBJECTIVES, parse_count, plan_budget
 from svdrank.spectra.energy import (
     check_sv_ratio,
@@ -164,8 +164,9 @@ def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
     ----------
     analysis : Analysis
     include : sequence of str
-        ``fnmatch`` patterns matched against full module names; none keeps
-        every layer.
+        ``fnmatch`` patterns matched against full module names, or
+        ``FIELD=GLOB`` on a layer's stack, block, expert or kind (see
+        :func:`svdrank.inputs.names.selected`); none keeps every layer.
 
     Returns
     -------
@@ -179,7 +180,16 @@ def select_layers(analysis: Analysis, include: Sequence[str]) -> Analysis:
     """
     if not include:
         return analysis
-    layers = tuple(layer for layer in analysis.layers if selected(layer.module, include, ()))
+    layers = tuple(
+        layer
+        for layer in analysis.layers
+        if selected(
+            layer.module,
+            include,
+            (),
+            ModuleName(layer.stack, layer.block, layer.expert, layer.kind),
+        )
+    )
     if not layers:
         raise UsageError(f"no analysed module matches {', '.join(include)}")
     return replace(analysis, layers=layers)
