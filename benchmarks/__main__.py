@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import eigensolvers, engines, pipeline, plots
+from benchmarks import eigensolvers, engines, extraction, pipeline, plots
 
 SUITES = {
     "engines": engines.main,
     "eigensolvers": eigensolvers.main,
     "pipeline": pipeline.main,
     "plots": plots.main,
+    "extraction": extraction.main,
 }
 
 

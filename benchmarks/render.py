@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks import eigensolvers, engines, pipeline, plots
+from benchmarks import eigensolvers, engines, extraction, pipeline, plots
 from benchmarks.common import RESULTS
 
 RENDERERS = {
@@ -13,6 +13,7 @@ RENDERERS = {
     "eigensolvers": eigensolvers.markdown,
     "pipeline": pipeline.markdown,
     "plots": plots.markdown,
+    "extraction": extraction.markdown,
 }
 
 

@@ -17,6 +17,7 @@ from svdrank._version import __version__
 
 _PUBLIC = {
     "analyze": "svdrank.analysis.pipeline",
+    "extract": "svdrank.outputs.extract",
     "load_analysis": "svdrank.analysis.file",
     "save_analysis": "svdrank.analysis.file",
     "recommend": "svdrank.ranks.rules",

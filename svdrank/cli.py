@@ -437,6 +437,84 @@ def _adapted_ranks(target: Path, model: Path) -> dict[str, int]:
     return adapted_ranks(config, lora_kwargs(target))
 
 
+@app.command()
+def extract(
+    base: options.ExtractBase,
+    tuned: options.ExtractTuned = None,
+    output: options.ExtractOutput = Path("svdrank-adapter"),
+    preset: options.ExtractPreset = None,
+    energy: options.EnergyOption = None,
+    sv_ratio: options.RecommendSvRatio = None,
+    threshold: options.RecommendThreshold = None,
+    budget: options.RecommendBudget = None,
+    budget_ratio: options.RecommendBudgetRatio = None,
+    rank: options.ExtractRank = None,
+    ranks: options.ExtractRanks = None,
+    min_rank: options.RecommendMinRank = 0,
+    max_rank: options.RecommendMaxRank = None,
+    multiple_of: options.RecommendMultipleOf = 1,
+    alpha_ratio: options.ExtractAlphaRatio = 2.0,
+    uniform_alpha: options.ExtractUniformAlpha = False,
+    dtype: options.ExtractDtype = None,
+    analysis: options.ExtractAnalysis = None,
+    include: options.IncludeOption = None,
+    exclude: options.ExcludeOption = None,
+    seed: options.DiffSeed = 0,
+    oversample: options.DiffOversample = 10,
+    power_iters: options.DiffPowerIters = 2,
+    output_format: options.ExtractOutputFormat = None,
+    quiet: options.DiffQuiet = False,
+) -> None:
+    """Write a PEFT LoRA adapter of TUNED − BASE at recommended ranks, with each module's error.
+
+    Given a PEFT LoRA adapter directory alone, re-factor it at the ranks asked for instead
+    (from each module's exact r×r core).
+    """
+    from svdrank.outputs import extract as extraction
+    from svdrank.outputs.extract_plan import say_left_out
+    from svdrank.outputs.extraction_report import (
+        extraction_record,
+        extraction_summary,
+        extraction_table,
+    )
+
+    with tables.layer_progress(err_console, err_console.is_terminal and not quiet) as progress:
+        result = extraction.extract(
+            base,
+            tuned,
+            output,
+            preset=_value(preset),
+            energy=energy,
+            sv_ratio=sv_ratio,
+            threshold=threshold,
+            budget=budget,
+            budget_ratio=budget_ratio,
+            rank=rank,
+            ranks=ranks,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            multiple_of=multiple_of,
+            alpha_ratio=alpha_ratio,
+            uniform_alpha=uniform_alpha,
+            dtype=_value(dtype),
+            analysis=analysis,
+            include=include or (),
+            exclude=exclude or (),
+            seed=seed,
+            oversample=oversample,
+            power_iters=power_iters,
+            progress=progress,
+        )
+    for line in say_left_out(result.left_out):
+        say(f"svdrank: {line}")
+    if _wants_json(_value(output_format)):
+        sys.stdout.write(dumps(extraction_record(result)))
+    else:
+        tables.print_tables(_stdout(), [extraction_table(result)])
+    if not quiet:
+        say(extraction_summary(result))
+
+
 def main() -> None:
     """Entry point of the ``svdrank`` console script."""
     app()

@@ -16,7 +16,7 @@ import typer
 from svdrank.outputs.formats import IMAGE_FORMATS, RANK_FORMATS
 from svdrank.ranks.budget import OBJECTIVES
 from svdrank.ranks.rules import PRESETS
-from svdrank.types import ENGINES, LANCZOS_SOLVERS, METRICS, NORMALIZERS
+from svdrank.types import ADAPTER_DTYPES, ENGINES, LANCZOS_SOLVERS, METRICS, NORMALIZERS
 
 
 def _choices(name: str, values: tuple[str, ...] | list[str]) -> Any:
@@ -278,4 +278,83 @@ CheckModel = Annotated[
 ]
 CheckOutputFormat = Annotated[
     CheckFormat, typer.Option("--format", help="text (one line per violation) or json.")
+]
+
+AdapterDtype = _choices("AdapterDtype", list(ADAPTER_DTYPES))
+ExtractBase = Annotated[
+    Path,
+    typer.Argument(
+        help="Base checkpoint (file, shard directory or index), or a PEFT adapter directory "
+        "to resize.",
+        show_default=False,
+    ),
+]
+ExtractTuned = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Tuned checkpoint (a full fine-tune); leave out to resize the adapter BASE.",
+        show_default=False,
+    ),
+]
+ExtractOutput = Annotated[
+    Path,
+    typer.Option(
+        "--output", "-o", help="The adapter directory to write (adapter_config.json + "
+        "adapter_model.safetensors, replaced atomically)."
+    ),
+]
+ExtractPreset = Annotated[
+    Preset | None,
+    typer.Option(
+        help="conservative 0.95, balanced 0.90, aggressive 0.85; default: balanced when no "
+        "other rule is given.",
+        show_default=False,
+    ),
+]
+ExtractRank = Annotated[
+    int | None,
+    typer.Option(help="One rank for every module (≥ 1).", metavar="R", show_default=False),
+]
+ExtractRanks = Annotated[
+    Path | None,
+    typer.Option(
+        help="A rank config from `svdrank recommend` (svdrank JSON or --format peft).",
+        metavar="FILE",
+        show_default=False,
+    ),
+]
+ExtractAlphaRatio = Annotated[
+    float, typer.Option(help="Every module's scale lora_alpha / r (> 0).")
+]
+ExtractUniformAlpha = Annotated[
+    bool,
+    typer.Option(
+        "--uniform-alpha",
+        help="One lora_alpha (ratio × the largest rank) for all modules, no alpha_pattern: "
+        "what llama.cpp's converter applies; vLLM then mis-scales modules of lower rank.",
+    ),
+]
+ExtractDtype = Annotated[
+    AdapterDtype | None,
+    typer.Option(
+        help="Storage dtype of the factors; default: the tuned checkpoint's (fp32 for F32, "
+        "F64 and F8).",
+        show_default=False,
+    ),
+]
+ExtractAnalysis = Annotated[
+    Path | None,
+    typer.Option(
+        help="Analysis file of the same pair from `svdrank diff` (checked by the header "
+        "digests): skips the analysis pass.",
+        show_default=False,
+    ),
+]
+ExtractOutputFormat = Annotated[
+    TableOrJson | None,
+    typer.Option(
+        "--format",
+        help="table or json (svdrank.extraction/1) on stdout; default: table on a terminal.",
+        show_default=False,
+    ),
 ]

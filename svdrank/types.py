@@ -586,3 +586,127 @@ class CheckReport:
     def passed(self) -> bool:
         """Whether every limit holds."""
         return not self.violations
+
+
+@dataclass(frozen=True)
+class ExtractedLayer:
+    """One module of an extracted LoRA adapter: its rank and how well s·B·A reproduces ΔW.
+
+    Attributes
+    ----------
+    module : str
+        The analysed module (checkpoint name, or the adapter's module when resizing).
+    target : str
+        The name the adapter gives it: the runtime module when the model was mapped.
+    module_type : str
+        ``Linear``, ``Conv1D`` or ``Embedding``: decides how the factors are stored.
+    shape : tuple of int
+        (m, n) of ΔW as the checkpoint stores it.
+    rank : int
+    alpha : float
+        The module's ``lora_alpha``; the loader's scale is alpha / rank.
+    dtype : str
+        The safetensors dtype the factors are stored in.
+    energy : float
+        Share of ‖ΔW‖_F² that the rank-r approximation keeps, Σ_{i≤r} σᵢ² / ‖ΔW‖_F².
+    error : float
+        ‖ΔW − s·B·A‖_F / ‖ΔW‖_F, measured with the factors as stored (after the cast).
+    optimal : float
+        √(1 − E(r)) from the best singular values known: the least relative error any
+        rank-r adapter can have (Eckart-Young).
+    method : str
+        How the singular vectors were computed: ``exact``, ``randomized`` or ``core``.
+    delta_norm : float
+        ‖ΔW‖_F.
+    underflows : int
+        Factor entries that fall below the storage dtype's normal range.
+    """
+
+    module: str
+    target: str
+    module_type: str
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    dtype: str
+    energy: float
+    error: float
+    optimal: float
+    method: str
+    delta_norm: float
+    underflows: int = 0
+
+    @property
+    def params(self) -> int:
+        """LoRA parameters r·(m+n)."""
+        return self.rank * sum(self.shape)
+
+    @property
+    def full_params(self) -> int:
+        """m·n, the entries of the full update."""
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A module with a rank that an extracted adapter does not hold, and why (in words)."""
+
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What ``svdrank extract`` wrote: the adapter directory, its config and every module.
+
+    Attributes
+    ----------
+    directory : Path
+        The PEFT adapter directory.
+    config : dict
+        The ``adapter_config.json`` record.
+    layers : tuple of ExtractedLayer
+        In the adapter's order.
+    left_out : tuple of LeftOut
+        Modules with a rank that the adapter does not hold, with the reason.
+    rule : str
+        The rule that chose the ranks, in words.
+    itemsize : int
+        Bytes per stored entry.
+    """
+
+    directory: Path
+    config: dict[str, Any]
+    layers: tuple[ExtractedLayer, ...]
+    left_out: tuple[LeftOut, ...]
+    rule: str
+    itemsize: int
+
+    @property
+    def params(self) -> int:
+        """Total LoRA parameters."""
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def full_params(self) -> int:
+        """Entries of the full updates of the same modules."""
+        return sum(layer.full_params for layer in self.layers)
+
+    @property
+    def energy(self) -> float:
+        """Share of Σ‖ΔW_i‖_F² the adapter keeps over all its modules (1.0 without any)."""
+        weights = [layer.delta_norm**2 for layer in self.layers]
+        total = math.fsum(weights)
+        if total == 0.0:
+            return 1.0
+        kept = math.fsum(w * item.energy for w, item in zip(weights, self.layers, strict=True))
+        return kept / total
+
+    @property
+    def worst_error(self) -> float:
+        """The largest relative error of any module."""
+        return max((layer.error for layer in self.layers), default=0.0)
+
+
+ADAPTER_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+"""``extract --dtype`` choices → the safetensors dtype an adapter's factors are stored in."""

@@ -1,0 +1,268 @@
+"""Extraction's numerics: every chosen layer's update split into LoRA factors, one at a time.
+
+Each layer's ΔW is formed again from the memory-mapped checkpoints (as
+``diff`` forms it), its top-r singular triplets are computed
+(:mod:`svdrank.spectra.factors`), split into balanced factors, cast to the
+storage dtype, and the error ‖ΔW − s·B·A‖_F of the factors *as stored* is
+measured on the spot. The next layer is read while the current one is
+factored, so at most two layers' updates are in memory: ``diff``'s bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
+from svdrank.errors import NumericalError, UsageError
+from svdrank.inputs.checkpoint import DTYPES
+from svdrank.spectra.factors import (
+    TruncatedSvd,
+    exact_svd,
+    lora_factors,
+    relative_error,
+    residual_energy,
+    truncated_svd,
+)
+from svdrank.types import (
+    ADAPTER_DTYPES,
+    NORMALIZERS,
+    Layer,
+    LayerResult,
+    Progress,
+    ProgressUpdate,
+    check_choice,
+)
+
+STORED_AS = {"BF16": "bf16", "F16": "fp16"}
+"""A tuned checkpoint's dtype → the adapter's default dtype (fp32 for every other)."""
+NEAR_OPTIMAL = 1.01
+"""A sketched approximation whose error exceeds the best known by more is recomputed exactly."""
+
+
+@dataclass(frozen=True)
+class FactorSettings:
+    """How the factors are computed and stored.
+
+    Parameters
+    ----------
+    dtype : {"BF16", "F16", "F32"}
+        The safetensors dtype of the stored factors.
+    oversample, power_iters, normalizer
+        Settings of the randomized SVD (see :func:`svdrank.spectra.factors.randomized_svd`).
+    seed : int
+        Layer i's sketch is seeded with ``[seed, i]``.
+    """
+
+    dtype: str = "F32"
+    oversample: int = 10
+    power_iters: int = 2
+    normalizer: str = "lu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.dtype, tuple(ADAPTER_DTYPES.values()), "adapter dtype")
+        check_choice(self.normalizer, NORMALIZERS, "normalizer")
+        if self.oversample < 0 or self.power_iters < 0 or self.seed < 0:
+            raise UsageError("--oversample, --power-iters and --seed must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class FactorJob:
+    """One layer to factor: where to read it, its analysis, rank r and LoRA scale s."""
+
+    layer: Layer
+    result: LayerResult
+    rank: int
+    scale: float
+
+    @property
+    def known_energy(self) -> float:
+        """Σ_{i≤r} σᵢ² from the analysis's values: at most the best rank-r energy."""
+        return float(np.sum(np.square(self.result.spectrum.values[: self.rank])))
+
+    @property
+    def known_tail(self) -> float | None:
+        """Σ_{i>r} σᵢ² when the analysis's spectrum is complete, else None."""
+        spectrum = self.result.spectrum
+        if not spectrum.complete:
+            return None
+        return float(np.sum(np.square(spectrum.values[self.rank :])))
+
+
+@dataclass(frozen=True)
+class FactorQuality:
+    """How well a layer's stored factors reproduce its update.
+
+    ``energy`` is Σ_{i≤r} σ̂ᵢ²/‖ΔW‖² of the approximation; ``error`` the relative
+    error of the stored factors; ``optimal`` √(1 − E(r)) from the best values
+    known; ``method`` how the vectors were computed; ``underflows`` the factor
+    entries below the storage dtype's normal range.
+    """
+
+    energy: float
+    error: float
+    optimal: float
+    method: str
+    underflows: int
+
+
+@dataclass(frozen=True)
+class Factored:
+    """A layer's LoRA factors as stored (ΔW ≈ s·B·A, the checkpoint's orientation) and quality."""
+
+    b: np.ndarray
+    a: np.ndarray
+    quality: FactorQuality
+
+
+def default_dtype(tuned_dtypes: Sequence[str]) -> str:
+    """Return the ``--dtype`` choice that matches most of the tuned layers' dtypes."""
+    counts: dict[str, int] = {}
+    for dtype in tuned_dtypes:
+        choice = STORED_AS.get(dtype, "fp32")
+        counts[choice] = counts.get(choice, 0) + 1
+    return max(sorted(counts), key=counts.__getitem__) if counts else "fp32"
+
+
+def factor_layers(
+    jobs: Sequence[FactorJob], settings: FactorSettings, progress: Progress | None = None
+) -> Iterator[Factored]:
+    """Factor every job's update, in order, reading the next layer while one is factored.
+
+    Parameters
+    ----------
+    jobs : sequence of FactorJob
+    settings : FactorSettings
+    progress : callable, optional
+        Told after each layer (bytes are those read from both checkpoints).
+
+    Yields
+    ------
+    Factored
+        One per job, in order.
+
+    Raises
+    ------
+    NumericalError
+        If ΔW holds NaN or Inf, or a factor overflows the storage dtype.
+    """
+    if not jobs:
+        return
+    total_bytes = sum(layer_bytes(job.layer) for job in jobs)
+    done_bytes = 0
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
+    try:
+        next_read = reader.submit(form_delta, jobs[0].layer)
+        for index, job in enumerate(jobs):
+            formed = next_read.result()
+            if index + 1 < len(jobs):
+                next_read = reader.submit(form_delta, jobs[index + 1].layer)
+            rng = np.random.default_rng([settings.seed, index])
+            yield factor_update(formed, job, settings, rng)
+            del formed
+            done_bytes += layer_bytes(job.layer)
+            if progress is not None:
+                progress(ProgressUpdate(job.result, index + 1, len(jobs), done_bytes, total_bytes))
+    finally:
+        reader.shutdown(wait=False, cancel_futures=True)
+
+
+def factor_update(
+    formed: FormedDelta, job: FactorJob, settings: FactorSettings, rng: np.random.Generator
+) -> Factored:
+    """Split one formed update into stored factors and measure their error.
+
+    A sketched SVD whose error before the cast exceeds the best known
+    (√(1 − E(r)) from the larger of its own and the analysis's values) by more
+    than 1 % is recomputed exactly, so the error reported is within 1 % of the
+    optimum whenever the analysis's spectrum was exact.
+    """
+    delta, total = formed.delta, formed.total_energy
+    svd = truncated_svd(
+        delta,
+        job.rank,
+        oversample=settings.oversample,
+        power_iters=settings.power_iters,
+        normalizer=settings.normalizer,
+        rng=rng,
+    )
+    optimal = _optimal_energy(svd, job, total)
+    if svd.method in ("randomized", "gram") and _excess(total, svd.kept_energy, optimal):
+        svd = exact_svd(delta, job.rank)
+        optimal = _optimal_energy(svd, job, total)
+    return store(svd, delta, total, optimal, job.scale, settings.dtype, job.layer.name)
+
+
+def _optimal_energy(svd: TruncatedSvd, job: FactorJob, total: float) -> float:
+    """Σ_{i>r} σᵢ² from a complete SVD or spectrum, else ‖ΔW‖² less the best known Σ_{i≤r} σᵢ²."""
+    for tail in (svd.tail_energy, job.known_tail):
+        if tail is not None:
+            return tail
+    return max(total - max(svd.kept_energy, job.known_energy), 0.0)
+
+
+def _excess(total: float, kept: float, optimal: float) -> bool:
+    """Whether √(total − kept) exceeds NEAR_OPTIMAL·√optimal (beyond rounding)."""
+    achieved = max(total - kept, 0.0)
+    return math.sqrt(achieved) > NEAR_OPTIMAL * math.sqrt(optimal) + 1e-6 * math.sqrt(total)
+
+
+def store(
+    svd: TruncatedSvd,
+    delta: np.ndarray | None,
+    total: float,
+    optimal: float,
+    scale: float,
+    dtype: str,
+    name: str,
+    residual: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> Factored:
+    """Cast balanced factors to ``dtype`` and measure the error they have as stored.
+
+    ``optimal`` is Σ_{i>r} σᵢ², the least error² of any rank-r approximation.
+    ``residual(b, a)`` gives ‖ΔW − s·B·A‖_F² of the stored factors; by default
+    it is formed against ``delta`` block by block.
+
+    Raises
+    ------
+    NumericalError
+        If a factor overflows ``dtype`` (F16's largest number is 65504).
+    """
+    b, a = lora_factors(svd, scale)
+    stored_b, stored_a = _cast(b, dtype, name), _cast(a, dtype, name)
+    if residual is None:
+        assert delta is not None
+        error_energy = residual_energy(delta, stored_b, stored_a, scale)
+    else:
+        error_energy = residual(stored_b, stored_a)
+    quality = FactorQuality(
+        energy=svd.kept_energy / total if total > 0 else 1.0,
+        error=relative_error(error_energy, total),
+        optimal=relative_error(optimal, total),
+        method=svd.method,
+        underflows=_underflows(b, dtype) + _underflows(a, dtype),
+    )
+    return Factored(stored_b, stored_a, quality)
+
+
+def _cast(factor: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """Round a factor to the storage dtype (to nearest), refusing an overflow."""
+    with np.errstate(over="ignore"):
+        stored = factor.astype(DTYPES[dtype])
+    if not np.all(np.isfinite(stored.astype(np.float32))):
+        raise NumericalError(
+            f"layer {name}: a LoRA factor overflows {dtype}; use --dtype fp32 or bf16"
+        )
+    return stored
+
+
+def _underflows(factor: np.ndarray, dtype: str) -> int:
+    """Count non-zero entries below the smallest normal number of ``dtype``."""
+    tiny = float(np.finfo(DTYPES[dtype]).tiny) if dtype != "BF16" else 2.0**-126
+    magnitude = np.abs(factor)
+    return int(np.count_nonzero((magnitude > 0) & (magnitude < tiny)))

@@ -1,0 +1,288 @@
+"""``extract``: a full fine-tune (or an oversized LoRA adapter) as a PEFT adapter at chosen ranks.
+
+The stages meet here: the analysis gives every layer's spectrum (computed now,
+or read from ``--analysis`` after checking it belongs to the same inputs),
+the rank rules pick each layer's rank, the layers are placed in the runtime
+model (PEFT's names, module types, tied weights), and the factors are computed
+layer by layer (:mod:`svdrank.analysis.extract`) while the weights file is
+written (:mod:`svdrank.outputs.adapter_writer`), atomically with its config.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from svdrank.analysis.extract import (
+    FactorJob,
+    FactorSettings,
+    factor_layers,
+)
+from svdrank.analysis.file import load_analysis
+from svdrank.analysis.pipeline import analyze
+from svdrank.errors import SvdrankWarning, UsageError
+from svdrank.inputs.adapter import is_adapter
+from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
+from svdrank.inputs.model import model_config_path
+from svdrank.inputs.pairing import pair_checkpoints
+from svdrank.outputs.adapter_writer import (
+    adapter_config,
+    task_type_of,
+    write_adapter,
+)
+from svdrank.outputs.extract_plan import (
+    SHOWN,
+    StorageSettings,
+    adapter_modules,
+    base_model_name,
+    changed_vectors,
+    extraction,
+    placed_modules,
+    ranks_by_module,
+)
+from svdrank.outputs.peft import DEFAULT_ALPHA_RATIO
+from svdrank.ranks.rules import PRESETS
+from svdrank.spectra.energy import check_target
+from svdrank.types import (
+    Analysis,
+    Extraction,
+    Progress,
+)
+
+DEFAULT_ADAPTER = Path("svdrank-adapter")
+"""The adapter directory ``extract`` writes when none is given."""
+DEFAULT_MAX_ENERGY = 0.95
+"""The analysis pass reaches at least this energy (diff's default), more when asked for."""
+
+
+def extract(
+    base: str | Path,
+    tuned: str | Path | None = None,
+    output: str | Path = DEFAULT_ADAPTER,
+    *,
+    preset: str | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    threshold: float | None = None,
+    budget: int | str | None = None,
+    budget_ratio: float | None = None,
+    rank: int | None = None,
+    ranks: str | Path | None = None,
+    min_rank: int = 0,
+    max_rank: int | None = None,
+    multiple_of: int = 1,
+    alpha_ratio: float = DEFAULT_ALPHA_RATIO,
+    uniform_alpha: bool = False,
+    dtype: str | None = None,
+    analysis: str | Path | Analysis | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    seed: int = 0,
+    oversample: int = 10,
+    power_iters: int = 2,
+    progress: Progress | None = None,
+) -> Extraction:
+    """Write a PEFT LoRA adapter that reproduces the update from BASE to TUNED at chosen ranks.
+
+    Each module's factors are the best rank-r approximation of its ΔW
+    (truncated SVD), split evenly between B and A and scaled so that PEFT's
+    ``lora_alpha / r`` reproduces it; the error of the factors as stored is
+    measured per layer. Layers at rank 0 are left out.
+
+    Parameters
+    ----------
+    base, tuned : str or Path
+        The checkpoints (files, shard directories or index files). Give a
+        PEFT adapter directory as ``base`` alone to resize it (see
+        :func:`svdrank.outputs.resize.resize_adapter`).
+    output : str or Path
+        The adapter directory to write (created; its two files are replaced
+        atomically).
+    preset, energy, sv_ratio, threshold, budget, budget_ratio
+        The rank rule, as in :func:`svdrank.recommend`; default: the balanced preset.
+    rank : int, optional
+        One rank for every layer (cut to min(m, n)).
+    ranks : str or Path, optional
+        A rank config from ``svdrank recommend`` (native or ``--format peft``).
+    min_rank, max_rank, multiple_of : int
+        Clamps, as in :func:`svdrank.recommend`.
+    alpha_ratio : float
+        Each module's scale lora_alpha / r, > 0 (default 2).
+    uniform_alpha : bool
+        One ``lora_alpha`` (ratio × the largest rank) for every module, as
+        llama.cpp applies it; vLLM then scales modules below the largest rank wrongly.
+    dtype : {"bf16", "fp16", "fp32"}, optional
+        Storage dtype; default: the tuned checkpoint's (fp32 for F32, F64, F8).
+    analysis : str, Path or Analysis, optional
+        An analysis of the same pair (checked by its header digests), to skip the analysis pass.
+    include, exclude : sequence of str
+        Glob patterns on module names, as in :func:`svdrank.analyze`.
+    seed, oversample, power_iters
+        Settings of the randomized SVD.
+    progress : callable, optional
+        Told after each layer, in the analysis pass and in the extraction pass.
+
+    Returns
+    -------
+    Extraction
+
+    Raises
+    ------
+    UsageError
+        For contradictory or out-of-range options, an analysis of other
+        inputs, or no layer left to adapt.
+    CheckpointError, PairingError, NumericalError, OutputError
+        For unreadable inputs, NaN/Inf in an update or a factor that overflows
+        the storage dtype, or an output that cannot be written.
+
+    Examples
+    --------
+    >>> from svdrank import extract
+    >>> result = extract("base", "tuned", "adapter", preset="balanced")  # doctest: +SKIP
+    >>> print(f"{result.params} parameters, worst error {result.worst_error:.1%}")  # doctest: +SKIP
+    """
+    rule_options: dict[str, Any] = {
+        "preset": preset,
+        "energy": energy,
+        "sv_ratio": sv_ratio,
+        "threshold": threshold,
+        "budget": budget,
+        "budget_ratio": budget_ratio,
+        "rank": rank,
+        "ranks": ranks,
+        "min_rank": min_rank,
+        "max_rank": max_rank,
+        "multiple_of": multiple_of,
+    }
+    storage = StorageSettings(alpha_ratio, uniform_alpha, dtype)
+    if tuned is None:
+        if not is_adapter(base):
+            raise UsageError(
+                f"{base}: give BASE and TUNED checkpoints, or a PEFT adapter directory alone"
+            )
+        from svdrank.outputs.resize import resize_adapter
+
+        return resize_adapter(base, Path(output), storage, rule_options, include, exclude)
+    base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
+    loaded = _analysis(
+        analysis,
+        (base_checkpoint, tuned_checkpoint),
+        AnalysisOptions(include, exclude, seed, _max_energy(preset, energy)),
+        progress,
+    )
+    chosen, rule = ranks_by_module(loaded, **rule_options)
+    pairing = pair_checkpoints(
+        base_checkpoint,
+        tuned_checkpoint,
+        loaded.settings.include,
+        loaded.settings.exclude,
+        loaded.settings.include_conv,
+    )
+    config_path = model_config_path(tuned) or model_config_path(base)
+    placed, left_out = placed_modules(loaded, chosen, config_path)
+    _warn_changed(changed_vectors(base_checkpoint, tuned_checkpoint, pairing))
+    layers = {layer.module: layer for layer in pairing.layers}
+    settings = FactorSettings(
+        dtype=storage.safetensors_dtype(
+            [layers[item.result.module].tuned.dtype for item in placed]
+        ),
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+    )
+    modules = adapter_modules(placed, storage)
+    jobs = [
+        FactorJob(layers[item.result.module], item.result, item.rank, module.scale)
+        for item, module in zip(placed, modules, strict=True)
+    ]
+    config = adapter_config(
+        modules,
+        storage.alpha_ratio,
+        storage.uniform_alpha,
+        base_model_name(base, model_config_path(base)),
+        task_type_of(loaded.model.architecture) if loaded.model else None,
+    )
+    output = Path(output)
+    qualities = write_adapter(
+        output, config, modules, factor_layers(jobs, settings, progress), settings.dtype
+    )
+    return extraction(output, config, placed, modules, qualities, left_out, rule, settings.dtype)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What the analysis pass of ``extract`` is run with when no analysis is given."""
+
+    include: Sequence[str]
+    exclude: Sequence[str]
+    seed: int
+    max_energy: float
+
+
+def _analysis(
+    given: str | Path | Analysis | None,
+    checkpoints: tuple[Checkpoint, Checkpoint],
+    options: AnalysisOptions,
+    progress: Progress | None,
+) -> Analysis:
+    """Analyse the pair, or load the given analysis after checking it is of the same pair."""
+    if given is None:
+        return analyze(
+            checkpoints[0].path,
+            checkpoints[1].path,
+            max_energy=options.max_energy,
+            seed=options.seed,
+            include=options.include,
+            exclude=options.exclude,
+            progress=progress,
+        )
+    if options.include or options.exclude:
+        raise UsageError("--include and --exclude apply to the analysis: give them to diff")
+    loaded = given if isinstance(given, Analysis) else load_analysis(given)
+    check_same_inputs(loaded, *checkpoints, str(given) if not isinstance(given, Analysis) else "")
+    return loaded
+
+
+def check_same_inputs(analysis: Analysis, base: Checkpoint, tuned: Checkpoint, name: str) -> None:
+    """Refuse an analysis whose recorded header digests are not those of ``base`` and ``tuned``.
+
+    Raises
+    ------
+    UsageError
+        If the analysis is of an adapter or of other checkpoints.
+    """
+    where = name or "the analysis"
+    for side, checkpoint in (("base", base), ("tuned", tuned)):
+        recorded = analysis.inputs.get(side)
+        if not isinstance(recorded, dict):
+            raise UsageError(f"{where}: not an analysis of a checkpoint pair")
+        found = [item["header_sha256"] for item in describe_input(checkpoint)["files"]]
+        stored = [item.get("header_sha256") for item in recorded.get("files", [])]
+        if found != stored:
+            raise UsageError(
+                f"{where}: analysed another {side} checkpoint than {checkpoint.path} (the "
+                "header SHA-256 differs); run diff again or leave out --analysis"
+            )
+
+
+def _max_energy(preset: str | None, energy: float | None) -> float:
+    """Return the energy the analysis pass must reach: the target asked for, at least 0.95."""
+    if energy is not None:
+        check_target(energy)
+        return max(energy, DEFAULT_MAX_ENERGY)
+    return max(PRESETS.get(preset or "", 0.0), DEFAULT_MAX_ENERGY)
+
+
+def _warn_changed(names: Sequence[str]) -> None:
+    """Warn that biases and norms changed: a LoRA adapter cannot carry their updates."""
+    if names:
+        shown = ", ".join(names[:SHOWN]) + (", …" if len(names) > SHOWN else "")
+        warnings.warn(
+            f"{len(names)} bias, norm or other non-matrix tensors changed ({shown}); a LoRA "
+            "adapter carries no update of them, so they are not in the adapter",
+            SvdrankWarning,
+            stacklevel=3,
+        )
