@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 
 from svdrank.errors import SvdrankWarning
 from tests.conftest import assert_one_line_error, write_checkpoint
+from tests.test_naming import tiny_gpt2, tiny_llama
 
 PLANTED = {"self_attn": [1.0], "mlp": [1.0, 0.9, 0.8, 0.7, 0.6], "": [1.0, 0.5]}
 """Planted singular values by where the module sits (relative); the rest is noise."""
@@ -35,31 +36,13 @@ DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16}
 
 
 def _llama(tie: bool = False) -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(tie)
 
 
 def _gpt2() -> transformers.PreTrainedModel:
-    config = transformers.GPT2Config(
-        vocab_size=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2()
 
 
 @dataclass(frozen=True)

@@ -570,7 +570,7 @@ RANK_TOLERANCE = 1e-4
 """σ above this share of σ₁ count towards the rank; σ₁..σ₃ must match NumPy within it."""
 
 
-def _tiny_llama():
+def tiny_llama(tie: bool = False):
     config = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=32,
@@ -578,11 +578,12 @@ def _tiny_llama():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        tie_word_embeddings=tie,
     )
     return transformers.LlamaForCausalLM(config)
 
 
-def _tiny_gpt2():
+def tiny_gpt2():
     config = transformers.GPT2Config(
         vocab_size=64,
         n_embd=32,
@@ -666,8 +667,8 @@ def _tiny_vit():
 
 
 BUILDERS = {
-    "llama": _tiny_llama,
-    "gpt2": _tiny_gpt2,
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
     "bert": _tiny_bert,
     "t5": _tiny_t5,
     "mixtral": _tiny_mixtral,
