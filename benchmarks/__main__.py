@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import eigensolvers, engines, extraction, pipeline, plots
+from benchmarks import eigensolvers, engines, extraction, noise, pipeline, plots
 
 SUITES = {
     "engines": engines.main,
@@ -12,6 +12,7 @@ SUITES = {
     "pipeline": pipeline.main,
     "plots": plots.main,
     "extraction": extraction.main,
+    "noise": noise.main,
 }
 
 

@@ -146,8 +146,8 @@ resident size at fork into the child's ru_maxrss across exec, so a benchmark
 process holding 1 GB would report 1 GB for every command it starts."""
 
 
-def run_diff(base: Path, tuned: Path, output: Path) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of one `svdrank diff` process."""
+def run_diff(base: Path, tuned: Path, output: Path, *options: str) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one `svdrank diff` process (extra ``options``)."""
     report = output.with_suffix(".peak-rss")
     command = [
         sys.executable,
@@ -162,6 +162,7 @@ def run_diff(base: Path, tuned: Path, output: Path) -> tuple[float, int]:
         "--format",
         "json",
         "--quiet",
+        *options,
     ]
     started = time.perf_counter()
     subprocess.run(command, stdout=subprocess.DEVNULL, check=True)

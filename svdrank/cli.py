@@ -220,6 +220,7 @@ def diff(
     include: options.IncludeOption = None,
     exclude: options.ExcludeOption = None,
     include_conv: options.DiffIncludeConv = False,
+    noise: options.DiffNoise = options.AnalysisNoise["auto"],
     workers: options.DiffWorkers = 1,
     output: options.DiffOutput = DEFAULT_ANALYSIS,
     output_format: options.DiffOutputFormat = None,
@@ -251,6 +252,7 @@ def diff(
             include=include or (),
             exclude=exclude or (),
             include_conv=include_conv,
+            noise=_value(noise),
             workers=workers,
             progress=progress,
         )
@@ -302,6 +304,7 @@ def recommend(
     min_rank: options.RecommendMinRank = 0,
     max_rank: options.RecommendMaxRank = None,
     multiple_of: options.RecommendMultipleOf = 1,
+    noise: options.NoiseOption = options.Noise["auto"],
     alpha_ratio: options.RecommendAlphaRatio = None,
     allow_unmatched: options.RecommendAllowUnmatched = False,
     output_format: options.RecommendOutputFormat = None,
@@ -331,11 +334,14 @@ def recommend(
         min_rank=min_rank,
         max_rank=max_rank,
         multiple_of=multiple_of,
+        noise=_value(noise),
     )
     if chosen == "table":
         tables.print_tables(_stdout(), [tables.plans_table(plans)])
         return
-    text = _rank_text(loaded, plans, chosen, alpha_ratio, str(analysis), allow_unmatched)
+    text = _rank_text(
+        loaded, plans, chosen, alpha_ratio, str(analysis), allow_unmatched, _value(noise)
+    )
     if output is None:
         sys.stdout.write(text)
     else:
@@ -350,11 +356,12 @@ def _rank_text(
     alpha_ratio: float | None,
     source: str,
     allow_unmatched: bool,
+    noise: str,
 ) -> str:
     """Render plans in a machine format; JSON formats take one plan (the default rule's)."""
     if chosen in ("csv", "markdown"):
         return formats.plans_table_text(plans, chosen)
-    plan = rules.one_plan(analysis, plans)
+    plan = rules.one_plan(analysis, plans, noise)
     text = formats.config_text(plan, chosen, alpha_ratio, source, analysis.model, allow_unmatched)
     if chosen == "peft":
         _say_left_out(peft_targets(plan, analysis.model))
@@ -386,6 +393,7 @@ def plot(
     preset: options.PresetOption = None,
     energy: options.EnergyOption = None,
     include: options.IncludeOption = None,
+    noise: options.NoiseOption = options.Noise["auto"],
     report: options.PlotReport = False,
 ) -> None:
     """Energy curves, singular-value decay, rank heat maps and a budget chart; prints the paths.
@@ -393,8 +401,8 @@ def plot(
     Curves are marked with the balanced preset's ranks (or the one plan asked for).
     """
     loaded = rules.select_layers(load_analysis(analysis), include or ())
-    asked = rules.rules(loaded, energy=energy, preset=_value(preset))
-    plans = rules.plan_set(loaded, asked)
+    asked = rules.rules(loaded, energy=energy, preset=_value(preset), noise=_value(noise))
+    plans = rules.plan_set(loaded, asked, _value(noise))
     paths = _plot(loaded, plans, output, image_format=_value(image_format), report=report)
     sys.stdout.write("".join(f"{path}\n" for path in paths))
 
@@ -407,6 +415,7 @@ def check(
     min_energy: options.CheckMinEnergy = None,
     analysis: options.CheckAnalysis = None,
     model: options.CheckModel = None,
+    noise: options.NoiseOption = options.Noise["auto"],
     output_format: options.CheckOutputFormat = options.CheckFormat["text"],
 ) -> None:
     """CI gate: exit 0 when every limit holds, 1 when any is broken, 2 on bad input."""
@@ -418,6 +427,7 @@ def check(
         min_energy=min_energy,
         analysis=loaded,
         adapted=None if model is None else _adapted_ranks(target, model),
+        noise=_value(noise),
     )
     if _value(output_format) == "json":
         sys.stdout.write(dumps(formats.report_record(report)))

@@ -15,8 +15,16 @@ import typer
 
 from svdrank.outputs.formats import IMAGE_FORMATS, RANK_FORMATS
 from svdrank.ranks.budget import OBJECTIVES
-from svdrank.ranks.rules import PRESETS
-from svdrank.types import ADAPTER_DTYPES, ENGINES, LANCZOS_SOLVERS, METRICS, NORMALIZERS
+from svdrank.ranks.rules import PRESETS, SIGNAL_PRESET
+from svdrank.types import (
+    ADAPTER_DTYPES,
+    ENGINES,
+    LANCZOS_SOLVERS,
+    METRICS,
+    NOISE_MODES,
+    NORMALIZERS,
+    RANK_NOISE_MODES,
+)
 
 
 def _choices(name: str, values: tuple[str, ...] | list[str]) -> Any:
@@ -28,7 +36,9 @@ Engine = _choices("Engine", ENGINES)
 Metric = _choices("Metric", METRICS)
 Normalizer = _choices("Normalizer", NORMALIZERS)
 LanczosSolver = _choices("LanczosSolver", LANCZOS_SOLVERS)
-Preset = _choices("Preset", list(PRESETS))
+Preset = _choices("Preset", [*PRESETS, SIGNAL_PRESET])
+Noise = _choices("Noise", RANK_NOISE_MODES)
+AnalysisNoise = _choices("AnalysisNoise", NOISE_MODES)
 Objective = _choices("Objective", OBJECTIVES)
 TableOrJson = _choices("TableOrJson", ("table", "json"))
 RankFormat = _choices("RankFormat", RANK_FORMATS)
@@ -60,9 +70,27 @@ EnergyOption = Annotated[
 PresetOption = Annotated[
     Preset | None,
     typer.Option(
-        help="conservative 0.95, balanced 0.90, aggressive 0.85; default: every preset the "
-        "analysis can answer, side by side.",
+        help="conservative 0.95, balanced 0.90, aggressive 0.85 energy; signal: the signal "
+        "rank above storage noise; default: every energy preset the analysis can answer, "
+        "side by side.",
         show_default=False,
+    ),
+]
+NoiseOption = Annotated[
+    Noise,
+    typer.Option(
+        help="auto: layers stored in BF16/F16/F8 are ranked on their clean update (storage "
+        "rounding noise removed) and never past their signal rank; off: raw-spectrum ranks "
+        "(an analysis that stopped at the noise threshold may need `diff --noise off`).",
+    ),
+]
+DiffNoise = Annotated[
+    AnalysisNoise,
+    typer.Option(
+        help="auto: model the rounding noise of BF16/F16/F8 inputs per layer (threshold τ, "
+        "signal rank; truncated engines stop at τ), τ from cheap bounds where they decide "
+        "every preset's rank; full: estimate τ for every such layer (exact signal ranks, "
+        "slower); off: raw spectra only.",
     ),
 ]
 

@@ -28,6 +28,13 @@ LANCZOS_SOLVERS = ("arpack", "propack")
 """SciPy's truncated SVD solvers behind the lanczos engine."""
 METRICS = ("fro", "nuclear")
 """Energy metrics: Σσ² shares (fro) or Σσ shares (nuclear)."""
+NOISE_MODES = ("auto", "full", "off")
+"""How ``diff`` treats storage noise: ``auto`` models the rounding of BF16/F16/F8 inputs
+(τ from cheap bounds where they decide the ranks, else estimated), ``full`` estimates τ for
+every such layer (exact signal ranks), ``off`` computes raw spectra only."""
+RANK_NOISE_MODES = ("auto", "off")
+"""How ranks read an analysis: ``auto`` counts the clean update of layers with a noise
+floor, ``off`` reads the raw spectrum."""
 FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 """Safetensors dtypes that hold floating-point values: only those can be weights."""
 
@@ -63,12 +70,17 @@ class Spectrum:
         Whether ``values`` is the whole spectrum (k = min(m, n)).
     engine : str
         The engine that produced the values.
+    noise_limited : bool
+        The values are the clean signal directions of a layer above its
+        storage noise (see :meth:`LayerResult.clean`): ranks stop at k,
+        because what lies beyond is not resolved by the file.
     """
 
     values: np.ndarray
     total_energy: float
     complete: bool
     engine: str
+    noise_limited: bool = False
 
     @property
     def k(self) -> int:
@@ -236,11 +248,78 @@ class AnalysisSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     include_conv: bool = False
+    noise: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice(self.metric, METRICS, "metric")
+        check_choice(self.noise, NOISE_MODES, "noise mode")
         if self.metric == "nuclear" and not self.engine.complete:
             object.__setattr__(self, "engine", replace(self.engine, complete=True))
+
+
+NOISY_SHARE = 0.10
+"""A layer is flagged ``noisy`` when more than this share of ‖ΔW‖_F² lies below τ."""
+SUB_ULP_SHARE = 0.50
+"""A layer is flagged ``sub-ulp`` when more than this share of its entries did not change."""
+ROUNDING_GRIDS = frozenset({"BF16", "F16", "F8_E4M3", "F8_E5M2"})
+"""Storage grids whose rounding is modelled as noise; F32 and F64 rounding is negligible."""
+
+
+NOISE_ESTIMATES = ("bound", "draws")
+"""How a layer's threshold τ was set: the high end of its bracket from the stored values'
+squares, or the full estimate from simulated and sign-flip draws."""
+
+
+@dataclass(frozen=True)
+class LayerNoise:
+    """A layer's storage rounding noise and the signal rank that stands above it.
+
+    Attributes
+    ----------
+    grid, base_grid : str
+        The grids the tuned and base values lie on: their dtypes, except F32
+        words holding BF16 values (``BF16``).
+    roundings : int
+        How many of the two are on a rounding grid (see :data:`ROUNDING_GRIDS`).
+    noise_energy : float
+        Σ v_ij, the modelled ‖N‖_F² of the rounding noise (an upper bound
+        when ``estimate`` is ``bound``).
+    threshold : float
+        τ: singular values above it are signal.
+    signal_rank : int
+        r_s = #{σᵢ > τ} (a lower bound when not ``signal_rank_exact``).
+    signal_rank_exact : bool
+        False when the spectrum stopped before a value fell to τ, or τ's
+        bracket held values whose side of τ did not change any preset's rank.
+    unchanged : float
+        The share of entries with ΔW = 0 (stored tuned and base equal).
+    estimate : {"bound", "draws"}
+        How τ was set (see :data:`NOISE_ESTIMATES`).
+    threshold_low : float or None
+        ``bound``: the low end of τ's bracket.
+    profile_bound, max_entry, sim_edge, flip_edge, edge : float or None
+        ``draws``: the estimates of ‖N‖₂ (see
+        :class:`svdrank.spectra.noise.NoiseFloor`) and the one τ stands on.
+    """
+
+    grid: str
+    base_grid: str
+    roundings: int
+    noise_energy: float
+    threshold: float
+    signal_rank: int
+    signal_rank_exact: bool
+    unchanged: float
+    estimate: str
+    threshold_low: float | None = None
+    profile_bound: float | None = None
+    max_entry: float | None = None
+    sim_edge: float | None = None
+    flip_edge: float | None = None
+    edge: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(self.estimate, NOISE_ESTIMATES, "noise estimate")
 
 
 @dataclass(frozen=True)
@@ -274,6 +353,9 @@ class LayerResult:
         The module or parameter of the runtime model the update applies to;
         None when the model was not built (no ``config.json`` or no
         ``transformers``) or has no counterpart.
+    noise : LayerNoise or None
+        The storage noise floor; None where it does not apply (F32/F64
+        inputs, adapters, ``--noise off``).
     """
 
     module: str
@@ -290,6 +372,7 @@ class LayerResult:
     stack: str = ""
     expert: int | None = None
     target: Target | None = None
+    noise: LayerNoise | None = None
 
     @property
     def full_params(self) -> int:
@@ -339,7 +422,8 @@ class Analysis:
     def max_target(self) -> float:
         """The highest energy target every layer's spectrum can answer.
 
-        1.0 when every spectrum is complete; else the least share of ‖ΔW‖_F²
+        1.0 when every spectrum is complete (or noise-limited: its ranks stop at
+        the signal rank whatever the target); else the least share of ‖ΔW‖_F²
         that a truncated spectrum holds (at least the ``max_energy`` its engine
         was asked for, often more).
         """
@@ -347,7 +431,8 @@ class Analysis:
             float(np.cumsum(np.square(layer.spectrum.values, dtype=np.float64))[-1])
             / layer.spectrum.total_energy
             for layer in self.layers
-            if not layer.spectrum.complete and layer.spectrum.total_energy > 0
+            if not (layer.spectrum.complete or layer.spectrum.noise_limited)
+            and layer.spectrum.total_energy > 0
         ]
         return min([1.0, *reached])
 
@@ -366,9 +451,9 @@ class ProgressUpdate:
 Progress = Callable[[ProgressUpdate], None]
 
 
-RULES = ("energy", "sv_ratio", "threshold", "uniform", "budget")
+RULES = ("energy", "sv_ratio", "threshold", "uniform", "budget", "signal")
 """How a rank plan picks ranks: an energy target, a σ ratio, an absolute σ threshold, one
-rank for every layer, or a parameter budget."""
+rank for every layer, a parameter budget, or the signal rank above storage noise."""
 
 
 @dataclass(frozen=True)
@@ -442,11 +527,19 @@ class Constraints:
 
 @dataclass(frozen=True)
 class LayerRank:
-    """One layer's recommended rank, what it keeps (E(rank) in the plan's metric) and costs."""
+    """One layer's recommended rank, what it keeps (E(rank) in the plan's metric) and costs.
+
+    With storage noise on, ``layer`` carries the clean spectrum the rank was read
+    from (see :func:`svdrank.spectra.signal.clean_spectrum`), ``energy`` is a share
+    of the clean update, and ``raw_rank`` is what the same rule gives on the raw
+    spectrum: None where that spectrum cannot answer it (it stopped at τ) or
+    the rule has no raw reading (budgets, the signal preset).
+    """
 
     layer: LayerResult
     rank: int
     energy: float
+    raw_rank: int | None = None
 
     @property
     def params(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from svdrank.errors import UsageError
-from svdrank.spectra import noise
+from svdrank.spectra import noise, signal
 
 SMALL_FORMATS = {
     "BF16": ml_dtypes.bfloat16,
@@ -214,7 +214,7 @@ def _null_margin(profile: str, shape: tuple[int, int], storage: str, seed: int) 
     delta, variance, roundings = _null_update(_weight(profile, shape, rng), storage)
     floor = noise.noise_floor(delta, variance, rng, roundings=roundings)
     values = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
-    assert noise.signal_rank(values, floor.threshold) == 0, (profile, shape, storage, floor)
+    assert signal.signal_rank(values, floor.threshold) == 0, (profile, shape, storage, floor)
     return float(values[0] / floor.threshold)
 
 
@@ -242,7 +242,7 @@ def test_zero_update_has_zero_threshold_and_no_signal():
     variance = noise.rounding_variance(np.full((128, 200), 0.02, dtype=ml_dtypes.bfloat16), "BF16")
     floor = noise.noise_floor(delta, variance, np.random.default_rng(0))
     assert floor.flip_edge == floor.edge == floor.threshold == 0.0
-    assert noise.signal_rank(np.zeros(128), floor.threshold) == 0
+    assert signal.signal_rank(np.zeros(128), floor.threshold) == 0
 
 
 def test_noise_floor_reads_delta_without_writing_it():
@@ -305,7 +305,7 @@ def _weyl_kind(case: str, profile, shape, rank: int, size: float, rng) -> tuple[
     roundings = 1 if base.dtype == np.float32 else 2
     floor = noise.noise_floor(delta, _variance(tuned) + _variance(base), rng, roundings=roundings)
     values = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
-    found = noise.signal_rank(values, floor.threshold)
+    found = signal.signal_rank(values, floor.threshold)
     noise_norm = np.linalg.norm(delta.astype(np.float64) - update, 2)
     where = (case, profile, shape, rank, size, found, noise_norm, floor)
     if floor.threshold < noise_norm:
@@ -342,16 +342,16 @@ TOTAL = 26.25
 
 
 def test_clean_noise_energy_is_the_smaller_of_model_and_residual():
-    assert noise.signal_rank(VALUES, 2.0) == 2
-    assert noise.clean_noise_energy(VALUES, TOTAL, 2.0, 2) == 1.25  # residual 26.25 − 25
-    assert noise.clean_noise_energy(VALUES, TOTAL, 1.0, 2) == 1.0  # the model's Σv
-    assert noise.clean_noise_energy(np.array([2.0]), 3.9, 1.0, 1) == 0.0  # never negative
+    assert signal.signal_rank(VALUES, 2.0) == 2
+    assert signal.clean_noise_energy(VALUES, TOTAL, 2.0, 2) == 1.25  # residual 26.25 − 25
+    assert signal.clean_noise_energy(VALUES, TOTAL, 1.0, 2) == 1.0  # the model's Σv
+    assert signal.clean_noise_energy(np.array([2.0]), 3.9, 1.0, 1) == 0.0  # never negative
 
 
 def test_clean_gains_take_an_even_share_of_noise_per_direction():
     # N̂ = 1.25 over q = 4 directions: 0.3125 each.
-    np.testing.assert_array_equal(noise.clean_gains(VALUES, 1.25, 4, 2), [15.6875, 8.6875])
-    assert noise.clean_gains(VALUES, 1.25, 4, 0).size == 0
+    np.testing.assert_array_equal(signal.clean_gains(VALUES, 1.25, 4, 2), [15.6875, 8.6875])
+    assert signal.clean_gains(VALUES, 1.25, 4, 0).size == 0
 
 
 @pytest.mark.parametrize(
@@ -361,13 +361,13 @@ def test_clean_gains_take_an_even_share_of_noise_per_direction():
 def test_clean_rank_reads_the_clean_energy_curve(energy, expected):
     # Clean total 26.25 − 1.25 = 25; cumulative gains 15.6875, 24.375 (0.6275 and 0.975 of it);
     # E = 1 needs 25, which no k ≤ r_s reaches, so r_s.
-    assert noise.clean_rank(VALUES, TOTAL, 1.25, 4, energy, 2) == expected
+    assert signal.clean_rank(VALUES, TOTAL, 1.25, 4, energy, 2) == expected
 
 
 def test_clean_rank_is_zero_without_signal_and_checks_the_target():
-    assert noise.clean_rank(VALUES, TOTAL, 1.25, 4, 0.9, 0) == 0
+    assert signal.clean_rank(VALUES, TOTAL, 1.25, 4, 0.9, 0) == 0
     with pytest.raises(UsageError):
-        noise.clean_rank(VALUES, TOTAL, 1.25, 4, 1.5, 2)
+        signal.clean_rank(VALUES, TOTAL, 1.25, 4, 1.5, 2)
 
 
 # --- the threshold factor and the edge estimate ---------------------------------------------
@@ -422,10 +422,10 @@ def test_readme_update_is_found_above_the_bf16_noise():
     floor = noise.noise_floor(delta, variance, np.random.default_rng(1), roundings=2)
     values = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
     total = float(np.sum(delta.astype(np.float64) ** 2))
-    found = noise.signal_rank(values, floor.threshold)
+    found = signal.signal_rank(values, floor.threshold)
     assert found == 8
-    clean = noise.clean_noise_energy(values, total, floor.noise_energy, found)
-    ranks = [noise.clean_rank(values, total, clean, 1024, e, found) for e in (0.95, 0.90, 0.85)]
+    clean = signal.clean_noise_energy(values, total, floor.noise_energy, found)
+    ranks = [signal.clean_rank(values, total, clean, 1024, e, found) for e in (0.95, 0.90, 0.85)]
     truth = [_energy_rank(np.linalg.svd(update, compute_uv=False), e) for e in (0.95, 0.90, 0.85)]
     # Measured: clean 8/8/7, the float32 update's own 8/8/7 (raw ranks read 465 at 95 %).
     assert all(rank <= 8 for rank in ranks)

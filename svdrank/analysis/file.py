@@ -1,4 +1,4 @@
-"""The analysis file (schema ``svdrank.analysis/2``): the JSON record, saving and loading.
+"""The analysis file (schema ``svdrank.analysis/3``): the JSON record, saving and loading.
 
 ``svdrank diff`` writes it once; ``recommend``, ``plot`` and ``check`` read it,
 so no later command touches the checkpoints again.
@@ -16,16 +16,21 @@ from svdrank.errors import AnalysisFileError
 from svdrank.files import dumps, read_json_object, write_files_atomically
 from svdrank.types import Analysis, AnalysisSettings, LayerResult
 
-ANALYSIS_SCHEMA = "svdrank.analysis/2"
-READABLE_SCHEMAS = ("svdrank.analysis/1", ANALYSIS_SCHEMA)
-"""Version 1 files lack ``stack`` and ``expert`` (read as one stack, no experts) and store
-the last name component as ``kind``. Files from before ``model`` and each layer's
-``target`` were added read them as null (the checkpoint's names)."""
+ANALYSIS_SCHEMA = "svdrank.analysis/3"
+READABLE_SCHEMAS = ("svdrank.analysis/1", "svdrank.analysis/2", ANALYSIS_SCHEMA)
+"""Version 3 adds each layer's storage ``noise`` and the ``noise`` setting; ranks read from
+it count the clean update, so its ranks mean something else than version 2's. Version 2
+files read with noise ``off`` (raw spectra, the ranks they always gave). Version 1 files
+lack ``stack`` and ``expert`` (read as one stack, no experts) and store the last name
+component as ``kind``. Files from before ``model`` and each layer's ``target`` were added
+read them as null (the checkpoint's names)."""
+_NOISE_SCHEMAS = (ANALYSIS_SCHEMA,)
+"""The schemas whose settings default to noise ``auto``."""
 DEFAULT_ANALYSIS = Path("svdrank-analysis.json")
 
 
 def analysis_record(analysis: Analysis) -> dict[str, Any]:
-    """Convert an analysis to the JSON object of schema ``svdrank.analysis/2``.
+    """Convert an analysis to the JSON object of schema ``svdrank.analysis/3``.
 
     Parameters
     ----------
@@ -36,8 +41,9 @@ def analysis_record(analysis: Analysis) -> dict[str, Any]:
     dict
         ``schema``, ``svdrank_version``, ``created``, ``inputs``, the
         ``model`` of its ``config.json`` (or null), the flat ``settings`` (see
-        :func:`settings_record`), one record per layer with its singular values
-        and runtime ``target``, and the ``skipped`` tensors with their reasons.
+        :func:`settings_record`), one record per layer with its singular values,
+        runtime ``target`` and storage ``noise`` (null where it does not
+        apply), and the ``skipped`` tensors with their reasons.
     """
     return {
         "schema": ANALYSIS_SCHEMA,
@@ -84,6 +90,7 @@ def _layer_record(layer: LayerResult) -> dict[str, Any]:
             if layer.target is None
             else {"name": layer.target.name, "type": layer.target.module_type}
         ),
+        "noise": None if layer.noise is None else asdict(layer.noise),
     }
 
 
@@ -151,7 +158,7 @@ def load_analysis(path: str | Path = DEFAULT_ANALYSIS) -> Analysis:
             "with this version of svdrank"
         )
     try:
-        return analysis_from_record(record)
+        return analysis_from_record(record, "auto" if schema in _NOISE_SCHEMAS else "off")
     except FieldError as exc:
         raise AnalysisFileError(
             f"{path}: corrupt analysis file: {exc}; re-run `svdrank diff`"

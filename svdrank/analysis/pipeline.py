@@ -18,16 +18,14 @@ from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from svdrank.analysis.adapter import analyze_adapter
 from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
+from svdrank.analysis.floor import spectrum_with_noise
 from svdrank.errors import SvdrankWarning, UsageError
 from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
 from svdrank.inputs.model import model_config_path, runtime_targets
 from svdrank.inputs.pairing import pair_checkpoints
-from svdrank.spectra.engines import decompose
 from svdrank.types import (
     Analysis,
     AnalysisSettings,
@@ -57,6 +55,7 @@ def analyze(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     include_conv: bool = False,
+    noise: str = "auto",
     workers: int = 1,
     progress: Progress | None = None,
 ) -> Analysis:
@@ -86,6 +85,13 @@ def analyze(
         Glob patterns on module names.
     include_conv : bool
         Analyse 4-D conv kernels reshaped to (out, in·kh·kw).
+    noise : {"auto", "full", "off"}
+        ``auto``: for every layer stored on a BF16, F16 or F8 grid, model the
+        rounding noise in ΔW, set the threshold τ above it and count the
+        signal rank; truncated engines stop once a value falls to τ. Where
+        cheap bounds on τ already decide every preset's rank, τ is their high
+        end and the signal rank a lower bound. ``full``: estimate τ for every
+        such layer (exact signal ranks; slower). ``off``: raw spectra only.
     workers : int
         Layers decomposed at once (each with its own BLAS calls).
     progress : callable, optional
@@ -131,6 +137,7 @@ def analyze(
         include=tuple(include),
         exclude=tuple(exclude),
         include_conv=include_conv,
+        noise=noise,
     )
     if tuned is None:
         if not is_adapter(base):
@@ -233,7 +240,8 @@ def _analyze_layers(
     in_flight: deque[tuple[Layer, Future[LayerResult]]] = deque()
     last_alike: dict[tuple[str, str, tuple[int, int]], Future[LayerResult]] = {}
     try:
-        next_read = reader.submit(form_delta, layers[0])
+        noisy = settings.noise != "off"
+        next_read = reader.submit(form_delta, layers[0], noisy)
         for index, layer in enumerate(layers):
             formed = next_read.result()
             if len(in_flight) == workers:
@@ -245,7 +253,7 @@ def _analyze_layers(
             in_flight.append((layer, task))
             del formed
             if index + 1 < len(layers):
-                next_read = reader.submit(form_delta, layers[index + 1])
+                next_read = reader.submit(form_delta, layers[index + 1], noisy)
         while in_flight:
             yield _finish(*in_flight.popleft(), report)
     finally:
@@ -265,12 +273,9 @@ def _analyze_layer(
     settings: AnalysisSettings,
     expect_slow: bool = False,
 ) -> LayerResult:
-    """Decompose one layer's update (runs in a worker thread)."""
+    """Decompose one layer's update and set its noise floor (runs in a worker thread)."""
     started = time.perf_counter()
-    rng = np.random.default_rng([settings.seed, index])
-    spectrum = decompose(
-        formed.delta, settings.engine, rng, layer.name, formed.total_energy, expect_slow
-    )
+    spectrum, noise = spectrum_with_noise(layer, formed, settings, index, expect_slow)
     return LayerResult(
         module=layer.module,
         name=layer.name,
@@ -286,6 +291,7 @@ def _analyze_layer(
         stack=layer.stack,
         expert=layer.expert,
         target=layer.target,
+        noise=noise,
     )
 
 

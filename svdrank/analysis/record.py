@@ -17,10 +17,12 @@ import numpy as np
 
 from svdrank.errors import AnalysisFileError, UsageError
 from svdrank.types import (
+    NOISE_ESTIMATES,
     SKIP_REASONS,
     Analysis,
     AnalysisSettings,
     EngineSettings,
+    LayerNoise,
     LayerResult,
     ModelInfo,
     Skipped,
@@ -118,10 +120,15 @@ def _setting(name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def analysis_from_record(record: dict[str, Any]) -> Analysis:
-    """Check every field of a record of a readable schema and build the dataclasses."""
+def analysis_from_record(record: dict[str, Any], noise_default: str = "auto") -> Analysis:
+    """Check every field of a record of a readable schema and build the dataclasses.
+
+    ``noise_default`` is the noise mode of a file whose settings do not state
+    one: ``off`` for the schemas from before the noise model.
+    """
     inputs = _get(record, "inputs", "", _OBJECT)
-    settings = settings_from_record(_get(record, "settings", "", _OBJECT))
+    stored_settings = _get(record, "settings", "", _OBJECT)
+    settings = settings_from_record({"noise": noise_default, **stored_settings})
     stored = _get(record, "layers", "", _LIST)
     if not stored:
         raise FieldError("layers: empty; the analysis has no layers")
@@ -198,6 +205,55 @@ def _layer_from_record(stored: Any, index: int) -> LayerResult:
         stack=_get(stored, "stack", where, _TEXT, ""),
         expert=_index(stored, "expert", where, None),
         target=_target(stored.get("target"), where),
+        noise=_noise(stored.get("noise"), spectrum, f"{where}.noise"),
+    )
+
+
+_NOISE_TEXT = ("grid", "base_grid")
+_NOISE_NUMBERS = ("noise_energy", "threshold")
+_NOISE_OPTIONAL = ("threshold_low", "profile_bound", "max_entry", "sim_edge", "flip_edge", "edge")
+
+
+def _noise(stored: Any, spectrum: Spectrum, where: str) -> LayerNoise | None:
+    """Check a layer's ``noise`` record (null, or the fields of LayerNoise) and build it.
+
+    The signal rank must be the count of stored values above the threshold,
+    so a file cannot state a rank its own spectrum contradicts.
+    """
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise FieldError(f"{where}: must be an object or null, got {stored!r:.60}")
+    text = {key: _get(stored, key, where, _TEXT) for key in _NOISE_TEXT}
+    numbers = {key: _norm(stored, key, where, _NUMBER) for key in _NOISE_NUMBERS}
+    optional = {key: _norm(stored, key, where, _OPTIONAL_NUMBER, None) for key in _NOISE_OPTIONAL}
+    estimate = _get(stored, "estimate", where, _TEXT)
+    if estimate not in NOISE_ESTIMATES:
+        raise FieldError(
+            f"{where}.estimate: must be one of {', '.join(NOISE_ESTIMATES)}, got {estimate!r:.60}"
+        )
+    roundings = _get(stored, "roundings", where, _INDEX)
+    if roundings not in (1, 2):
+        raise FieldError(f"{where}.roundings: must be 1 or 2, got {roundings!r:.60}")
+    unchanged = _norm(stored, "unchanged", where, _NUMBER)
+    if unchanged > 1.0:
+        raise FieldError(f"{where}.unchanged: a share, must be ≤ 1, got {unchanged!r:.60}")
+    rank = _get(stored, "signal_rank", where, _INDEX)
+    counted = int(np.count_nonzero(spectrum.values > numbers["threshold"]))
+    if rank != counted:
+        raise FieldError(
+            f"{where}.signal_rank: {rank!r:.60} is not the {counted} singular values above "
+            f"the threshold {numbers['threshold']:.6g}"
+        )
+    return LayerNoise(
+        **text,
+        roundings=roundings,
+        **numbers,
+        signal_rank=rank,
+        signal_rank_exact=_get(stored, "signal_rank_exact", where, _FLAG),
+        unchanged=unchanged,
+        estimate=estimate,
+        **optional,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from svdrank.errors import UsageError
 from svdrank.inputs.names import same_module
+from svdrank.ranks.rules import noise_view
 from svdrank.spectra.energy import check_target, retained_energy
 from svdrank.types import Allocation, Analysis, CheckReport, LayerResult, Violation
 
@@ -25,6 +26,7 @@ def check_allocation(
     min_energy: float | None = None,
     analysis: Analysis | None = None,
     adapted: dict[str, int] | None = None,
+    noise: str = "auto",
 ) -> CheckReport:
     """Find every violation of the limits given.
 
@@ -44,6 +46,10 @@ def check_allocation(
         The ranks PEFT built when it applied the config to the model (runtime
         name → rank, see :func:`svdrank.inputs.model.adapted_ranks`): every
         module of the allocation must be among them with its rank.
+    noise : {"auto", "off"}
+        ``auto``: ``min_energy`` counts the clean update of layers with a
+        storage noise floor (see :func:`svdrank.ranks.rules.noise_view`), and a
+        rank at or above the signal rank keeps all of it the file resolves.
 
     Returns
     -------
@@ -73,7 +79,8 @@ def check_allocation(
             if item.rank > max_rank
         ]
     if min_energy is not None:
-        violations += _energy_violations(allocation, min_energy, analysis)
+        view = None if analysis is None else noise_view(analysis, noise)
+        violations += _energy_violations(allocation, min_energy, view)
     if adapted is not None:
         violations += _model_violations(allocation, adapted)
     limits = {"max_params": max_params, "max_rank": max_rank, "min_energy": min_energy}
@@ -102,6 +109,8 @@ def _energy_violations(
     for item in allocation.modules:
         layer = _layer_for(item.module, analysis)
         kept = retained_energy(layer.spectrum, item.rank, analysis.settings.metric)
+        if layer.spectrum.noise_limited and item.rank >= layer.spectrum.k:
+            continue
         if kept < min_energy:
             violations.append(Violation(item.module, "min-energy", kept, min_energy))
     return violations

@@ -23,11 +23,14 @@ from svdrank.spectra.energy import (
     rank_by_threshold,
     retained_energy,
 )
+from svdrank.spectra.signal import clean_spectrum
 from svdrank.types import (
     METRICS,
+    RANK_NOISE_MODES,
     Analysis,
     Constraints,
     LayerRank,
+    LayerResult,
     PlanSet,
     RankPlan,
     RankRule,
@@ -37,6 +40,8 @@ from svdrank.types import (
 
 PRESETS: dict[str, float] = {"conservative": 0.95, "balanced": 0.90, "aggressive": 0.85}
 """Named energy targets."""
+SIGNAL_PRESET = "signal"
+"""The preset whose rank is the signal rank r_s itself (storage noise on)."""
 DEFAULT_PRESET = "balanced"
 """The plan written when a single plan is needed and none was asked for."""
 UNIFORM_RANKS = (8, 16, 64)
@@ -51,15 +56,40 @@ _RAW_RANKS: dict[str, Callable[[Spectrum, float, str], int]] = {
 
 
 def preset_rule(name: str) -> RankRule:
-    """Make the energy rule of a named preset.
+    """Make the rule of a named preset: an energy target, or the signal rank.
 
     Raises
     ------
     UsageError
         If ``name`` is not a preset.
     """
-    check_choice(name, tuple(PRESETS), "preset")
+    check_choice(name, (*PRESETS, SIGNAL_PRESET), "preset")
+    if name == SIGNAL_PRESET:
+        return RankRule("signal", 0.0, name, preset=name)
     return RankRule("energy", PRESETS[name], name, preset=name)
+
+
+def noise_view(analysis: Analysis, noise: str = "auto", metric: str | None = None) -> Analysis:
+    """Give the analysis whose spectra the rank rules read.
+
+    With ``noise="auto"`` and the ``fro`` metric, each layer that has a storage
+    noise floor gets its clean spectrum (see
+    :func:`svdrank.spectra.signal.clean_spectrum`): energy shares count the
+    clean update and ranks stop at the signal rank. Otherwise (``off``, the
+    ``nuclear`` metric, layers without a floor) the raw spectra stay.
+
+    Raises
+    ------
+    UsageError
+        For an unknown noise mode.
+    """
+    check_choice(noise, RANK_NOISE_MODES, "noise mode")
+    if noise == "off" or (metric or analysis.settings.metric) == "nuclear":
+        return analysis
+    if all(layer.noise is None for layer in analysis.layers):
+        return analysis
+    layers = tuple(replace(layer, spectrum=clean_spectrum(layer)) for layer in analysis.layers)
+    return replace(analysis, layers=layers)
 
 
 def energy_rule(target: float) -> RankRule:
@@ -97,35 +127,44 @@ def uniform_rule(rank: int) -> RankRule:
     return RankRule("uniform", float(rank), f"uniform r={rank}")
 
 
-def answerable_presets(analysis: Analysis) -> list[str]:
+def answerable_presets(analysis: Analysis, noise: str = "auto") -> list[str]:
     """List the presets whose target the analysis's spectra reach (all, unless truncated low)."""
-    return [name for name, target in PRESETS.items() if target <= analysis.max_target]
+    reach = noise_view(analysis, noise).max_target
+    return [name for name, target in PRESETS.items() if target <= reach]
 
 
-def standard_rules(analysis: Analysis) -> list[RankRule]:
+def standard_rules(analysis: Analysis, noise: str = "auto") -> list[RankRule]:
     """Choose the rules shown when none is asked for: every preset the analysis can answer.
 
     An analysis run with ``--max-energy`` below every preset gets one energy
     rule at that highest answerable target instead.
     """
-    names = answerable_presets(analysis)
+    names = answerable_presets(analysis, noise)
     if names:
         return [preset_rule(name) for name in names]
-    return [energy_rule(analysis.max_target)]
+    if noise == "off" and any(layer.noise is not None for layer in analysis.layers):
+        raise UsageError(
+            "with --noise off ranks come from the raw spectra, and this analysis stopped "
+            f"them at the noise threshold (they hold {analysis.max_target:.0%} of ‖ΔW‖²); "
+            "run `svdrank diff --noise off` for raw ranks"
+        )
+    return [energy_rule(noise_view(analysis, noise).max_target)]
 
 
-def default_rule(analysis: Analysis) -> RankRule:
+def default_rule(analysis: Analysis, noise: str = "auto") -> RankRule:
     """Choose the one rule used when a single plan is needed and none was asked for.
 
     The balanced preset when the analysis can answer it, else the closest
     answerable one: the highest target its spectra reach.
     """
-    if PRESETS[DEFAULT_PRESET] <= analysis.max_target:
+    if PRESETS[DEFAULT_PRESET] <= noise_view(analysis, noise).max_target:
         return preset_rule(DEFAULT_PRESET)
-    return standard_rules(analysis)[0]
+    return standard_rules(analysis, noise)[0]
 
 
-def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSet:
+def plan_set(
+    analysis: Analysis, chosen: list[RankRule] | None = None, noise: str = "auto"
+) -> PlanSet:
     """Plan the ranks that tables, figures and the report show.
 
     Parameters
@@ -134,6 +173,8 @@ def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSe
     chosen : list of RankRule, optional
         Default: :func:`standard_rules`. The marked plan is the
         :func:`default_rule`'s when it is among them, else the first.
+    noise : {"auto", "off"}
+        Whether ranks count the clean update (see :func:`noise_view`).
 
     Returns
     -------
@@ -141,19 +182,19 @@ def plan_set(analysis: Analysis, chosen: list[RankRule] | None = None) -> PlanSe
         One plan per rule, the marked one, and the uniform-rank plans to
         compare against.
     """
-    asked = chosen or standard_rules(analysis)
-    plans = tuple(plan(analysis, rule) for rule in asked)
-    marked_rule = default_rule(analysis)
+    asked = chosen or standard_rules(analysis, noise)
+    plans = tuple(plan(analysis, rule, noise=noise) for rule in asked)
+    marked_rule = default_rule(analysis, noise)
     marked = next((item for item in plans if item.rule == marked_rule), plans[0])
-    uniform = tuple(plan(analysis, uniform_rule(rank)) for rank in UNIFORM_RANKS)
+    uniform = tuple(plan(analysis, uniform_rule(rank), noise=noise) for rank in UNIFORM_RANKS)
     return PlanSet(plans, marked, uniform)
 
 
-def one_plan(analysis: Analysis, plans: list[RankPlan]) -> RankPlan:
+def one_plan(analysis: Analysis, plans: list[RankPlan], noise: str = "auto") -> RankPlan:
     """Pick the plan a single-plan output writes: the only one, else the default rule's."""
     if len(plans) == 1:
         return plans[0]
-    default = default_rule(analysis)
+    default = default_rule(analysis, noise)
     return next(item for item in plans if item.rule == default)
 
 
@@ -200,6 +241,7 @@ def plan(
     rule: RankRule,
     metric: str | None = None,
     constraints: Constraints | None = None,
+    noise: str = "auto",
 ) -> RankPlan:
     """Give every layer of an analysis a rank under ``rule``.
 
@@ -212,6 +254,10 @@ def plan(
     metric : {"fro", "nuclear"}, optional
         Defaults to the metric the analysis was run with.
     constraints : Constraints, optional
+    noise : {"auto", "off"}
+        ``auto``: layers with a storage noise floor are ranked on their clean
+        spectrum (see :func:`noise_view`), and each LayerRank also carries the
+        raw spectrum's rank where that spectrum answers the rule.
 
     Returns
     -------
@@ -221,22 +267,57 @@ def plan(
     ------
     UsageError
         When a spectrum was truncated before the rule's target (the analysis
-        was run with a lower ``--max-energy``), or ``nuclear`` meets a
-        truncated spectrum.
+        was run with a lower ``--max-energy``, or stopped at the noise
+        threshold and ``noise`` is ``off``), ``nuclear`` meets a truncated
+        spectrum, or the signal preset meets a layer without a noise floor.
     """
     metric = metric or analysis.settings.metric
     check_choice(metric, METRICS, "metric")
     constraints = constraints or Constraints()
+    view = noise_view(analysis, noise, metric)
     layers = []
-    for layer in analysis.layers:
-        raw = _RAW_RANKS[rule.method](layer.spectrum, rule.value, metric)
-        rank = (
-            min(raw, min(layer.shape))
-            if rule.method == "uniform"
-            else constraints.apply(raw, layer)
-        )
-        layers.append(LayerRank(layer, rank, retained_energy(layer.spectrum, rank, metric)))
+    for stored, layer in zip(analysis.layers, view.layers, strict=True):
+        rank = _rule_rank(rule, layer, metric, constraints)
+        raw_rank = rank if layer is stored else _raw_rank(rule, stored, metric, constraints)
+        energy = retained_energy(layer.spectrum, rank, metric)
+        layers.append(LayerRank(layer, rank, energy, raw_rank))
     return RankPlan(rule, metric, constraints, tuple(layers))
+
+
+def _rule_rank(rule: RankRule, layer: LayerResult, metric: str, constraints: Constraints) -> int:
+    """One layer's rank under ``rule``, clamped (uniform ranks are only capped at min(m, n))."""
+    if rule.method == "uniform":
+        return min(int(rule.value), min(layer.shape))
+    if rule.method == "signal":
+        if layer.noise is None:
+            raise UsageError(
+                f"{layer.module}: no storage noise floor (F32/F64 inputs, an adapter, or "
+                "`--noise off`), so it has no signal rank; use an energy preset"
+            )
+        return constraints.apply(layer.noise.signal_rank, layer)
+    try:
+        raw = _RAW_RANKS[rule.method](layer.spectrum, rule.value, metric)
+    except UsageError as exc:
+        if layer.noise is None or layer.spectrum.noise_limited:
+            raise
+        raise UsageError(
+            f"{layer.module}: its spectrum stopped at the noise threshold, so raw ranks are "
+            f"known up to {retained_energy(layer.spectrum, layer.spectrum.k):.0%} of ‖ΔW‖²; "
+            "run `svdrank diff --noise off` for raw ranks"
+        ) from exc
+    return constraints.apply(raw, layer)
+
+
+def _raw_rank(
+    rule: RankRule, layer: LayerResult, metric: str, constraints: Constraints
+) -> int | None:
+    """Read the rank ``rule`` gives on a layer's raw spectrum; None where it cannot say."""
+    if rule.method not in _RAW_RANKS:
+        return None
+    try:
+        return _rule_rank(rule, layer, metric, constraints)
+    except UsageError:
+        return None
 
 
 def recommend(
@@ -253,6 +334,7 @@ def recommend(
     min_rank: int = 0,
     max_rank: int | None = None,
     multiple_of: int = 1,
+    noise: str = "auto",
 ) -> list[RankPlan]:
     """Recommend per-layer LoRA ranks from an analysis.
 
@@ -283,6 +365,11 @@ def recommend(
         Default: the analysis's metric. Budgets count Σσ² and refuse ``nuclear``.
     min_rank, max_rank, multiple_of : int
         Clamps; see :class:`~svdrank.types.Constraints`.
+    noise : {"auto", "off"}
+        ``auto`` (default): for layers stored on a BF16, F16 or F8 grid, energy
+        targets and budgets count the clean update only and ranks never go
+        past the signal rank r_s; ``preset="signal"`` gives r_s itself.
+        ``off``: ranks of the raw spectrum.
 
     Returns
     -------
@@ -310,11 +397,12 @@ def recommend(
                 "budgets keep the most Σσ² (fro); --metric nuclear does not apply to "
                 "--budget/--budget-ratio"
             )
-        return [plan_budget(analysis, limit, objective or OBJECTIVES[0], constraints)]
+        view = noise_view(analysis, noise, "fro")
+        return [plan_budget(view, limit, objective or OBJECTIVES[0], constraints)]
     if objective is not None:
         raise UsageError("--objective applies to --budget or --budget-ratio only")
-    asked = rules(analysis, energy, preset, sv_ratio, threshold)
-    return [plan(analysis, rule, metric, constraints) for rule in asked]
+    asked = rules(analysis, energy, preset, sv_ratio, threshold, noise)
+    return [plan(analysis, rule, metric, constraints, noise) for rule in asked]
 
 
 def _budget(
@@ -341,6 +429,7 @@ def rules(
     preset: str | None = None,
     sv_ratio: float | None = None,
     threshold: float | None = None,
+    noise: str = "auto",
 ) -> list[RankRule]:
     """Make the rules the options ask for: the one given, or :func:`standard_rules`.
 
@@ -350,6 +439,8 @@ def rules(
         Decides the standard rules when no option is given.
     energy, preset, sv_ratio, threshold : optional
         At most one of them.
+    noise : {"auto", "off"}
+        Decides, with the analysis, which presets can be answered.
 
     Returns
     -------
@@ -380,4 +471,4 @@ def rules(
         return [sv_ratio_rule(sv_ratio)]
     if threshold is not None:
         return [threshold_rule(threshold)]
-    return standard_rules(analysis)
+    return standard_rules(analysis, noise)

@@ -77,7 +77,7 @@ def rank_at(spectrum: Spectrum, target: float, metric: str = "fro") -> int:
         return 0
     index = int(np.searchsorted(curve, target, side="left"))
     if index == curve.size:
-        if spectrum.complete:
+        if spectrum.complete or spectrum.noise_limited:
             return curve.size
         raise UsageError(
             f"energy {target} is above what the analysis computed ({curve[-1]:.4f}); "
@@ -94,9 +94,9 @@ def retained_energy(spectrum: Spectrum, rank: int, metric: str = "fro") -> float
     """
     if spectrum.total_energy == 0.0:
         return 1.0
-    if rank <= 0:
-        return 0.0
     curve = energy_curve(spectrum, metric)
+    if rank <= 0 or curve.size == 0:
+        return 0.0
     return float(curve[min(rank, curve.size) - 1])
 
 
@@ -136,7 +136,7 @@ def sv_ratio(spectrum: Spectrum, k: int) -> float:
 
 
 def rank_above(spectrum: Spectrum, floor: float, what: str) -> int:
-    """How many σᵢ are ≥ ``floor``.
+    """How many σᵢ are ≥ ``floor`` (never more than a noise-limited spectrum's k).
 
     Raises
     ------
@@ -144,7 +144,7 @@ def rank_above(spectrum: Spectrum, floor: float, what: str) -> int:
         When a truncated spectrum stops above the floor, so the count is unknown.
     """
     count = int(np.count_nonzero(spectrum.values >= floor))
-    if count == spectrum.k and not spectrum.complete:
+    if count == spectrum.k and not (spectrum.complete or spectrum.noise_limited):
         raise UsageError(
             f"{what} reaches below the {spectrum.k} values the analysis computed; "
             "run `svdrank diff` with --engine exact or a higher --max-energy"
@@ -184,7 +184,7 @@ def rank_by_sv_ratio(spectrum: Spectrum, ratio: float) -> int:
         If ``ratio`` < 1, or a truncated spectrum stops above σ₁ / ratio.
     """
     check_sv_ratio(ratio)
-    if spectrum.total_energy == 0.0:
+    if spectrum.total_energy == 0.0 or spectrum.k == 0:
         return 0
     return rank_above(spectrum, float(spectrum.values[0]) / ratio, f"--sv-ratio {ratio}")
 

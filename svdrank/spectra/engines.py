@@ -9,6 +9,7 @@ complete engine once that is cheaper; each Spectrum records what was used.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,6 +43,7 @@ def decompose(
     name: str = "ΔW",
     total: float | None = None,
     expect_slow: bool = False,
+    threshold: float | None = None,
 ) -> Spectrum:
     """Compute the spectrum of one layer's update by the engine the settings ask for.
 
@@ -70,6 +72,10 @@ def decompose(
         is then formed first and probed (see :func:`_gram_first`) instead of
         sketching ΔW: a cheaper probe when the hint is right, one SYRK too many
         when it is wrong. The values are equally correct either way.
+    threshold : float, optional
+        τ of the layer's storage noise: truncated engines also stop once the
+        last value computed is at or below it (every signal value is then
+        known; the rest is noise), which is often long before ``max_energy``.
 
     Returns
     -------
@@ -89,11 +95,34 @@ def decompose(
         return Spectrum(_as_float64(exact_values(delta)), total, True, "exact")
     if engine == "gram":
         return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
+    stop = _Stop(total, settings.max_energy, threshold)
     if engine == "lanczos":
-        return _adaptive_lanczos(delta, total, settings, rng)
+        return _adaptive_lanczos(delta, stop, settings, rng)
     if engine == "auto" and expect_slow:
-        return _gram_first(delta, total, settings, rng)
-    return _adaptive_randomized(delta, total, settings, rng)
+        return _gram_first(delta, stop, settings, rng)
+    return _adaptive_randomized(delta, stop, settings, rng)
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """When a truncated spectrum is enough: it holds ``energy`` of ``total``, or fell to τ."""
+
+    total: float
+    energy: float
+    threshold: float | None
+
+    def reached(self, values: np.ndarray) -> bool:
+        """Whether the top values computed answer every question asked of the layer.
+
+        The values must fall to τ within the first half of those computed: a
+        sketch's trailing values are its least accurate (they err low), and
+        the count above τ is read where the values are accurate.
+        """
+        if reaches(values, self.total, self.energy):
+            return True
+        if self.threshold is None or values.size == 0:
+            return False
+        return int(np.count_nonzero(values > self.threshold)) <= values.size // 2
 
 
 def _as_float64(values: np.ndarray) -> np.ndarray:
@@ -119,18 +148,18 @@ def reaches(values: np.ndarray, total: float, energy: float) -> bool:
 
 
 def _adaptive_randomized(
-    delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
+    delta: np.ndarray, stop: _Stop, settings: EngineSettings, rng: np.random.Generator
 ) -> Spectrum:
-    """Randomized values of ΔW, growing the sketch until max_energy is held, else Gram."""
+    """Randomized values of ΔW, growing the sketch until ``stop`` is reached, else Gram."""
     oriented = delta if delta.shape[0] >= delta.shape[1] else delta.T
-    values = _grow_sketch(oriented, total, settings, rng, truncation_limit(delta.shape))
+    values = _grow_sketch(oriented, stop, settings, rng, truncation_limit(delta.shape))
     if values is not None:
-        return Spectrum(values, total, False, "randomized")
-    return _complete_spectrum(delta, total)
+        return Spectrum(values, stop.total, False, "randomized")
+    return _complete_spectrum(delta, stop.total)
 
 
 def _gram_first(
-    delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
+    delta: np.ndarray, stop: _Stop, settings: EngineSettings, rng: np.random.Generator
 ) -> Spectrum:
     """Run ``auto`` on a layer expected to decay slowly: form the Gram matrix G, then decide.
 
@@ -145,21 +174,21 @@ def _gram_first(
     Only G's lower triangle is set (SYRK); the products read it with SYMM.
     """
     gram = smaller_gram(delta)
-    eigenvalues = _grow_sketch(gram, total, settings, rng, truncation_limit(delta.shape), gram=True)
+    eigenvalues = _grow_sketch(gram, stop, settings, rng, truncation_limit(delta.shape), gram=True)
     if eigenvalues is not None:
-        return Spectrum(np.sqrt(eigenvalues), total, False, "gram")
-    return Spectrum(_as_float64(gram_spectrum(gram)), total, True, "gram")
+        return Spectrum(np.sqrt(eigenvalues), stop.total, False, "gram")
+    return Spectrum(_as_float64(gram_spectrum(gram)), stop.total, True, "gram")
 
 
 def _grow_sketch(
     matrix: np.ndarray,
-    total: float,
+    stop: _Stop,
     settings: EngineSettings,
     rng: np.random.Generator,
     limit: int,
     gram: bool = False,
 ) -> np.ndarray | None:
-    """Top values from a sketch of ``matrix`` that grows until they hold max_energy.
+    """Top values from a sketch of ``matrix`` that grows until ``stop`` is reached.
 
     ``matrix`` is ΔW (tall) or, with ``gram``, the symmetric Gram matrix, whose
     singular values are σᵢ². Each step adds columns to the basis (all earlier
@@ -179,16 +208,16 @@ def _grow_sketch(
         )
         values = _as_float64(projected_values(matrix, basis, symmetric=gram)[:k])
         sigma = np.sqrt(values) if gram else values
-        if reaches(sigma, total, settings.max_energy):
+        if stop.reached(sigma):
             return values
-        k = next_k(sigma, total, settings.max_energy, min(matrix.shape))
+        k = next_k(sigma, stop.total, stop.energy, min(matrix.shape), stop.threshold)
     return None
 
 
 def _adaptive_lanczos(
-    delta: np.ndarray, total: float, settings: EngineSettings, rng: np.random.Generator
+    delta: np.ndarray, stop: _Stop, settings: EngineSettings, rng: np.random.Generator
 ) -> Spectrum:
-    """Lanczos values, restarting with a larger k until max_energy is held.
+    """Lanczos values, restarting with a larger k until ``stop`` is reached.
 
     ARPACK and PROPACK keep no state between calls, so each larger k starts over.
     """
@@ -196,20 +225,23 @@ def _adaptive_lanczos(
     k = FIRST_K
     while k <= limit:
         values = _as_float64(lanczos_values(delta, k, settings.lanczos_solver, rng))
-        if reaches(values, total, settings.max_energy):
-            return Spectrum(values, total, False, "lanczos")
-        k = next_k(values, total, settings.max_energy, min(delta.shape))
-    return _complete_spectrum(delta, total)
+        if stop.reached(values):
+            return Spectrum(values, stop.total, False, "lanczos")
+        k = next_k(values, stop.total, stop.energy, min(delta.shape), stop.threshold)
+    return _complete_spectrum(delta, stop.total)
 
 
-def next_k(values: np.ndarray, total: float, energy: float, size: int) -> int:
+def next_k(
+    values: np.ndarray, total: float, energy: float, size: int, threshold: float | None = None
+) -> int:
     """Predict the next k to try: at least double, more when the decay predicts it.
 
     Fits σᵢ ≈ c·i^(−β) to the lower three quarters of the values computed,
     extrapolates the energy of the tail, and returns 1.25x the k at which the
-    extrapolated curve reaches ``energy`` (``size`` when it never does). A
-    slow decay thus jumps straight past the truncation limit to a complete
-    engine instead of sketching in vain.
+    extrapolated curve reaches ``energy`` or, with a ``threshold``, falls to
+    it, whichever comes first (``size`` when neither does). A slow decay thus
+    jumps straight past the truncation limit to a complete engine instead of
+    sketching in vain.
 
     Parameters
     ----------
@@ -221,6 +253,8 @@ def next_k(values: np.ndarray, total: float, energy: float, size: int) -> int:
         The share of ``total`` the values must hold.
     size : int
         min(m, n): the number of singular values there are.
+    threshold : float, optional
+        τ of the layer's storage noise.
 
     Returns
     -------
@@ -238,5 +272,7 @@ def next_k(values: np.ndarray, total: float, energy: float, size: int) -> int:
     tail = np.exp(2.0 * (intercept + slope * np.log(tail_index)))
     curve = float(np.sum(np.square(values))) + np.cumsum(tail)
     reached = np.flatnonzero(curve >= energy * total)
+    if threshold is not None:
+        reached = np.union1d(reached, np.flatnonzero(tail <= threshold * threshold))
     predicted = k + 1 + int(reached[0]) if reached.size else size
     return max(doubled, math.ceil(1.25 * predicted))

@@ -25,7 +25,6 @@ import numpy as np
 
 from svdrank.errors import UsageError
 from svdrank.inputs.checkpoint import DTYPES
-from svdrank.spectra.energy import check_target
 from svdrank.spectra.kernels import CHUNK_ELEMENTS, exact_values
 
 
@@ -77,6 +76,12 @@ _DETECT_ELEMENTS = 1 << 16
 """Chunk of the grid check: a tensor that is not on the narrower grid stops after the first."""
 _AGREEMENT = 1.25
 """Sim and flip edges within this ratio agree (take the larger), else take the smaller."""
+_PROFILE_SLACK = 1.1
+"""The profile bound times this is taken above E‖N‖₂ (Bandeira-van Handel's (1 + ε))."""
+_DOMINANT_ENTRY = 0.5
+"""Entries dominate the edge once the largest reaches this share of the profile bound."""
+_ROW_NORM_SPREAD = 0.9
+"""The noisiest row's norm times this is taken below ‖N‖₂."""
 _LANCZOS_TOL = 2e-4
 """Stop Lanczos when σ̂₁ grew by less than this share over the last ``_LANCZOS_WINDOW`` steps."""
 _LANCZOS_WINDOW = 4
@@ -221,6 +226,100 @@ class NoiseFloor:
     flip_edge: float
     edge: float
     threshold: float
+
+
+@dataclass(frozen=True)
+class ProfileBounds:
+    """Bounds on a layer's rounding-noise profile, read from its stored values' squares.
+
+    Each rounding of x errs with variance v = u²/12 where the ulp
+    u = 2^(⌊log₂|x|⌋ − p) lies in (|x|·2^(−p−1), |x|·2^(−p)]: so v lies
+    between x²·4^(−p−1)/12 and x²·4^(−p)/12 (subnormals and zeros: the grid's
+    smallest v). Row, column and total sums of x² therefore bound the row,
+    column and total sums of v within a factor of 4, at the cost of three
+    reductions over data already read (no per-entry variance is formed).
+
+    Attributes
+    ----------
+    energy : float
+        Upper bound of Σ v_ij.
+    row_max, column_max : float
+        Upper bounds of maxᵢ Σⱼ v_ij and maxⱼ Σᵢ v_ij.
+    entry_max : float
+        Upper bound of max v_ij.
+    roundings : int
+        How many rounded tensors the sums add up (1 or 2).
+    """
+
+    energy: float
+    row_max: float
+    column_max: float
+    entry_max: float
+    roundings: int
+
+
+def square_scale(grid: str) -> float:
+    """Return 4^(−p)/12: the factor from x² to the largest rounding variance on ``grid``.
+
+    Examples
+    --------
+    >>> square_scale("BF16") == 2.0 ** -14 / 12
+    True
+    """
+    return math.ldexp(1.0 / 12.0, -2 * GRIDS[_check_grid(grid)].mantissa_bits)
+
+
+def smallest_variance(grid: str) -> float:
+    """Return the rounding variance of subnormals and zeros on ``grid``: 4^(e_min − p)/12."""
+    target = GRIDS[_check_grid(grid)]
+    return math.ldexp(1.0 / 12.0, 2 * (target.min_exponent - target.mantissa_bits))
+
+
+def entry_dominates(bounds: ProfileBounds) -> bool:
+    """Whether single entries may set the noise's edge (heavy tails, a "super weight").
+
+    True when the largest entry the noise can have, √(3·r·max v), reaches half
+    the profile bound. The edge is then set by a few entries whose actual
+    rounding errors the sign-flip edge sees and the storage model does not,
+    so τ may fall below the low end of :func:`threshold_bounds`.
+    """
+    profile = math.sqrt(bounds.row_max) + math.sqrt(bounds.column_max)
+    return math.sqrt(3.0 * bounds.roundings * bounds.entry_max) >= _DOMINANT_ENTRY * profile
+
+
+def threshold_bounds(bounds: ProfileBounds, shape: tuple[int, int]) -> tuple[float, float]:
+    """Bracket the threshold τ that :func:`noise_floor` would set, without any draw.
+
+    High: the profile bound √(max row sum) + √(max column sum) of the upper
+    variances (or the largest entry, √(3·r·max v), when larger: heavy tails),
+    times 1.1 for the profile bound's own slack, times ``_AGREEMENT`` (the
+    combined edge never exceeds the simulated edge by more), times the
+    Gavish-Donoho factor. Low: the norm of the noisiest row or column of the
+    lower variances (‖N‖₂ is at least any row's norm), over ``_AGREEMENT``,
+    times 0.9 for that norm's own spread. The bracket holds when the noise
+    model holds: most entries changed and no entry dominates (see
+    :func:`entry_dominates`); otherwise the sign-flip edge can put τ lower,
+    and callers estimate τ itself.
+
+    Parameters
+    ----------
+    bounds : ProfileBounds
+    shape : tuple of int
+        (m, n) of ΔW.
+
+    Returns
+    -------
+    tuple of float
+        (low, high), low < high.
+    """
+    beta = min(shape) / max(shape)
+    factor = gavish_donoho_factor(beta) / (1.0 + math.sqrt(beta))
+    profile = math.sqrt(bounds.row_max) + math.sqrt(bounds.column_max)
+    largest = math.sqrt(3.0 * bounds.roundings * bounds.entry_max)
+    high = factor * _AGREEMENT * max(_PROFILE_SLACK * profile, largest)
+    row_norm = 0.5 * math.sqrt(max(bounds.row_max, bounds.column_max))
+    low = factor * _ROW_NORM_SPREAD * row_norm / _AGREEMENT
+    return low, high
 
 
 def noise_floor(
@@ -368,98 +467,6 @@ def gavish_donoho_factor(beta: float) -> float:
     """
     root = math.sqrt(beta * beta + 14.0 * beta + 1.0)
     return math.sqrt(2.0 * (beta + 1.0) + 8.0 * beta / ((beta + 1.0) + root))
-
-
-def signal_rank(values: np.ndarray, threshold: float) -> int:
-    """Count the singular values above the threshold: #{σᵢ > τ}.
-
-    With τ ≥ ‖N‖₂ this never exceeds the rank of the update (Weyl). A truncated
-    spectrum whose last value is above τ gives a lower bound.
-
-    Examples
-    --------
-    >>> signal_rank(np.array([5.0, 2.0, 1.0]), 1.5)
-    2
-    """
-    return int(np.count_nonzero(values > threshold))
-
-
-def clean_noise_energy(
-    values: np.ndarray, total: float, noise_energy: float, signal_rank: int
-) -> float:
-    """N̂ = min(Σv, ‖ΔW‖_F² − Σ_{i≤r_s} σᵢ²), never negative (float64 sums).
-
-    The energy outside the signal directions bounds the noise's share from
-    above, which matters when the update is below one ulp and the model's Σv
-    overstates.
-
-    Examples
-    --------
-    >>> clean_noise_energy(np.array([3.0, 1.0]), 12.0, 5.0, 1)
-    3.0
-    """
-    signal = float(np.sum(np.square(values[:signal_rank], dtype=np.float64)))
-    return max(0.0, min(float(noise_energy), float(total) - signal))
-
-
-def clean_gains(values: np.ndarray, noise: float, size: int, signal_rank: int) -> np.ndarray:
-    """Clean energy each rank adds: σ_k² − N̂/q for k ≤ r_s, as float64.
-
-    Storage noise spreads evenly over the q = min(m, n) directions, so each
-    kept direction carries N̂/q of it. A budget allocator spends ranks on the
-    largest gains and never past r_s.
-
-    Examples
-    --------
-    >>> clean_gains(np.array([3.0, 2.0, 1.0]), 4.0, 4, 2)
-    array([8., 3.])
-    """
-    return np.square(values[:signal_rank], dtype=np.float64) - float(noise) / size
-
-
-def clean_rank(
-    values: np.ndarray, total: float, noise: float, size: int, energy: float, signal_rank: int
-) -> int:
-    """Smallest k ≤ r_s whose clean gains reach ``energy`` of the clean update.
-
-    Σ_{i≤k} (σᵢ² − N̂/q) ≥ E · (‖ΔW‖_F² − N̂), summed in float64; r_s when no k
-    reaches it, 0 when r_s = 0.
-
-    Parameters
-    ----------
-    values : ndarray, shape (k,)
-        σ₁ ≥ σ₂ ≥ …, at least ``signal_rank`` of them.
-    total : float
-        ‖ΔW‖_F².
-    noise : float
-        N̂ from :func:`clean_noise_energy`.
-    size : int
-        q = min(m, n).
-    energy : float
-        Target share E in (0, 1].
-    signal_rank : int
-        r_s from :func:`signal_rank`.
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    UsageError
-        If ``energy`` is outside (0, 1].
-
-    Examples
-    --------
-    >>> clean_rank(np.array([3.0, 2.0, 1.0]), 18.0, 4.0, 4, 0.75, 3)
-    2
-    """
-    check_target(energy)
-    if signal_rank <= 0:
-        return 0
-    reached = np.cumsum(clean_gains(values, noise, size, signal_rank))
-    hits = np.flatnonzero(reached >= energy * (float(total) - float(noise)))
-    return int(hits[0]) + 1 if hits.size else signal_rank
 
 
 def _check_grid(grid: str) -> str:
