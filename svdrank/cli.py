@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TextIO
@@ -226,17 +227,25 @@ def diff(
     output_format: options.DiffOutputFormat = None,
     plot_dir: options.DiffPlotDir = None,
     quiet: options.DiffQuiet = False,
+    resume: options.DiffResume = False,
 ) -> None:
     """Decompose every layer's update ΔW = tuned − base, print the table, save the analysis.
+
+    Each finished layer is appended to OUTPUT.resume as it arrives: after Ctrl-C or a
+    crash, the same command with --resume computes only the layers missing there.
 
     Given a PEFT LoRA adapter directory alone, analyse each module's update s·B·A instead
     (exactly, from the r×r core): how much of the adapter's rank is really used. Only
     --metric, --include and --exclude apply to an adapter.
     """
     from svdrank.analysis import pipeline
+    from svdrank.analysis.resume import remove_results_log, results_log_path
 
     check_writable(output)
-    with tables.layer_progress(err_console, err_console.is_terminal and not quiet) as progress:
+    log = results_log_path(output)
+    with _keeping_log(log), tables.layer_progress(
+        err_console, err_console.is_terminal and not quiet
+    ) as progress:
         analysis = pipeline.analyze(
             base,
             tuned,
@@ -255,9 +264,13 @@ def diff(
             noise=_value(noise),
             workers=workers,
             progress=progress,
+            results_log=log,
+            resume=resume,
         )
     plans = rules.plan_set(analysis)
-    figures = _save(analysis, plans, output, plot_dir)
+    with _naming_log(log):
+        figures = _save(analysis, plans, output, plot_dir)
+    remove_results_log(log)
     if _wants_json(_value(output_format)):
         sys.stdout.write(dumps(analysis_record(analysis)))
     else:
@@ -267,6 +280,35 @@ def diff(
             f"wrote {output} ({len(analysis.layers)} layers, {len(analysis.skipped)} skipped)"
             + (f" and {len(figures)} figures in {plot_dir}" if figures else "")
         )
+
+
+@contextmanager
+def _keeping_log(log: Path) -> Iterator[None]:
+    """On Ctrl-C, say where the finished layers are kept (when they are) and exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not log.exists():
+            raise
+        say(
+            f"svdrank: interrupted; the finished layers are kept in {printable(str(log))}: "
+            "the same command with --resume computes the rest"
+        )
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def _naming_log(log: Path) -> Iterator[None]:
+    """When the analysis cannot be saved, add where its layers are kept to the error."""
+    try:
+        yield
+    except SvdrankError as exc:
+        if not log.exists():
+            raise
+        raise type(exc)(
+            f"{exc}; the finished layers are kept in {log}: the same command with --resume "
+            "writes the analysis without computing them again"
+        ) from None
 
 
 def _save(analysis: Analysis, plans: PlanSet, output: Path, plot_dir: Path | None) -> list[Path]:
@@ -337,7 +379,7 @@ def recommend(
         noise=_value(noise),
     )
     if chosen == "table":
-        tables.print_tables(_stdout(), [tables.plans_table(plans)])
+        tables.print_tables(_stdout(), [tables.plans_table(plans, loaded)])
         return
     text = _rank_text(
         loaded, plans, chosen, alpha_ratio, str(analysis), allow_unmatched, _value(noise)

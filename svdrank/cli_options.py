@@ -176,6 +176,15 @@ DiffPlotDir = Annotated[
     ),
 ]
 DiffQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
+DiffResume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run: keep the layers logged in OUTPUT.resume (each "
+        "finished layer is appended there) if it is of the same inputs and settings, compute "
+        "the rest. Without it, a run replaces that log. It is removed once OUTPUT is written.",
+    ),
+]
 RecommendSvRatio = Annotated[
     float | None,
     typer.Option(help="Keep the σ ≥ σ₁/R, R ≥ 1 (kohya's sv_ratio).", show_default=False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -28,6 +29,34 @@ def write_checkpoint(path: Path, tensors: dict[str, np.ndarray]) -> Path:
     # np.ascontiguousarray would turn a 0-d tensor (CLIP's logit_scale) into shape (1,).
     save_file({name: np.require(value, requirements="C") for name, value in tensors.items()}, path)
     return path
+
+
+DECAYS = {"q_proj": ((160, 192), 0.3), "k_proj": ((320, 384), 1.5), "v_proj": ((160, 192), 0.6)}
+"""Per kind: shape and α of σᵢ ~ i^-α. q and v decay too slowly for a sketch, k truncates."""
+
+
+def write_decaying_pair(directory: Path, blocks: int = 4) -> tuple[Path, Path]:
+    """Write a BF16 base/tuned pair of ``blocks`` attention blocks with slowly decaying updates.
+
+    ΔW = G·diag(i^-α) for a Gaussian G, 5 % of ‖W‖ (as benchmarks/common.py's
+    write_decaying_pair), so each kind's probe decides the ``auto`` hint of its
+    later blocks: complete spectra for q and v, a truncated sketch for k.
+    """
+    rng = np.random.default_rng(7)
+    base, tuned = {}, {}
+    for block in range(blocks):
+        for kind, (shape, alpha) in DECAYS.items():
+            name = f"model.layers.{block}.self_attn.{kind}.weight"
+            weight = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            decay = np.arange(1, shape[1] + 1, dtype=np.float32) ** np.float32(-alpha)
+            delta = rng.standard_normal(shape, dtype=np.float32) * decay
+            delta *= 0.05 * np.linalg.norm(weight) / np.linalg.norm(delta)
+            base[name] = weight.astype(ml_dtypes.bfloat16)
+            tuned[name] = (weight + delta).astype(ml_dtypes.bfloat16)
+    return (
+        write_checkpoint(directory / "base.safetensors", base),
+        write_checkpoint(directory / "tuned.safetensors", tuned),
+    )
 
 
 @pytest.fixture

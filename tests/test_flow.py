@@ -249,6 +249,7 @@ def test_max_energy_plot_writes_figures_without_a_conservative_heat_map(
         (("--engine", "lanczos"), "--engine"),
         (("--seed", "3"), "--seed"),
         (("--workers", "2"), "--workers"),
+        (("--resume",), "--resume"),
     ],
 )
 def test_adapter_refuses_options_it_cannot_honour(run_cli, tmp_path, args, option):

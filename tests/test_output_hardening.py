@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
+from svdrank.analysis import pipeline
 from tests.conftest import SAMPLES, assert_one_line_error
 
 BASE = SAMPLES / "base.safetensors"
@@ -155,8 +156,19 @@ def test_diff_plot_into_a_full_disk_writes_neither_the_analysis_nor_figures(
 
     result = run_cli("diff", BASE, TUNED, "-o", tmp_path / "a.json", "--plot", tmp_path / "figs")
 
-    assert_one_line_error(result, "No space left on device")
-    assert list(tmp_path.iterdir()) == []
+    assert_one_line_error(result, "No space left on device", "a.json.resume", "--resume")
+    # The results log keeps the layers: `--resume` writes the files without computing them.
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.json.resume"]
+    monkeypatch.undo()
+    calls = []
+    real = pipeline._analyze_layer
+    monkeypatch.setattr(pipeline, "_analyze_layer", lambda *args: calls.append(1) or real(*args))
+
+    result = run_cli("diff", BASE, TUNED, "-o", tmp_path / "a.json", "--resume", "-q")
+
+    assert result.exit_code == 0, result.stderr
+    assert calls == []
+    assert [path.name for path in tmp_path.iterdir()] == ["a.json"]
 
 
 def test_plot_into_an_existing_file_is_one_line(tmp_path, analysis, run_cli):

@@ -57,7 +57,7 @@ def test_sv_ratio_4_keeps_the_update_above_the_noise(tmp_path):
 
 def test_noise_aware_ranks_are_the_planted_updates(tmp_path):
     """By default: signal rank 8, and the presets give the float32 update's own ranks."""
-    analysis, sigma = _merged_bf16_pair(tmp_path, 1e-3, noise="auto")
+    analysis, _ = _merged_bf16_pair(tmp_path, 1e-3, noise="auto")
     rng = np.random.default_rng(0)
     rng.standard_normal((1024, 1024))  # the weight, drawn first
     left, right = rng.standard_normal((1024, 8)), rng.standard_normal((8, 1024))

@@ -52,7 +52,7 @@ def analysis_record(analysis: Analysis) -> dict[str, Any]:
         "inputs": analysis.inputs,
         "model": None if analysis.model is None else asdict(analysis.model),
         "settings": settings_record(analysis.settings),
-        "layers": [_layer_record(layer) for layer in analysis.layers],
+        "layers": [layer_record(layer) for layer in analysis.layers],
         "skipped": [
             {"name": item.name, "reason": item.reason, "detail": item.detail}
             for item in analysis.skipped
@@ -66,8 +66,20 @@ def settings_record(settings: AnalysisSettings) -> dict[str, Any]:
     return {**record.pop("engine"), **record}
 
 
-def _layer_record(layer: LayerResult) -> dict[str, Any]:
-    """One layer of the analysis file."""
+def layer_record(layer: LayerResult) -> dict[str, Any]:
+    """Convert one layer's result to its record in the analysis file (and the results log).
+
+    Parameters
+    ----------
+    layer : LayerResult
+
+    Returns
+    -------
+    dict
+        Its names and place, shape, dtype, norms, singular values, engine,
+        seconds, runtime ``target`` and storage ``noise`` (null where they do
+        not apply); :func:`svdrank.analysis.record.layer_from_record` reads it back.
+    """
     return {
         "module": layer.module,
         "name": layer.name,

@@ -1,9 +1,11 @@
 """Run the pipeline over every layer: read, form ΔW, decompose, keep the results.
 
 ``analyze`` streams layer by layer: ΔW of the next layer is formed (from the
-memory-mapped tensors, in one pass) while the current one is decomposed, so
-reading overlaps computing and at most two layers' updates are in memory.
-The result is saved and loaded by :mod:`svdrank.analysis.file`.
+memory-mapped tensors, in one pass) while earlier ones are decomposed, so
+reading overlaps computing and at most ``workers + 1`` layers' updates are in
+memory. Each finished layer is appended to the run's results log
+(:mod:`svdrank.analysis.resume`), from which an interrupted run resumes. The
+result is saved and loaded by :mod:`svdrank.analysis.file`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from svdrank.analysis.adapter import analyze_adapter
 from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
 from svdrank.analysis.floor import spectrum_with_noise
+from svdrank.analysis.resume import ResultsLog, open_results_log, run_header
 from svdrank.errors import SvdrankWarning, UsageError
 from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
@@ -58,6 +60,8 @@ def analyze(
     noise: str = "auto",
     workers: int = 1,
     progress: Progress | None = None,
+    results_log: str | Path | None = None,
+    resume: bool = False,
 ) -> Analysis:
     """Decompose every layer's update: ΔW = W_tuned − W_base, or s·B·A of an adapter.
 
@@ -95,7 +99,21 @@ def analyze(
     workers : int
         Layers decomposed at once (each with its own BLAS calls).
     progress : callable, optional
-        Called after each layer with a :class:`~svdrank.types.ProgressUpdate`.
+        Called after each layer with a :class:`~svdrank.types.ProgressUpdate`:
+        first for the layers a resumed run found in its log, then for each layer
+        as it finishes (not necessarily in layer order).
+    results_log : str or Path, optional
+        Append each finished layer to this file (see
+        :mod:`svdrank.analysis.resume`; ``svdrank diff`` keeps it beside the
+        analysis file, ``OUTPUT.resume``). It stays after an interruption or a
+        crash and is removed on an error of the inputs (a NaN, an unreadable
+        file); the caller removes it once the analysis is saved. Not kept for
+        an adapter.
+    resume : bool
+        Continue from ``results_log``: the layers it holds are taken as they
+        are and only the others are computed, giving the same analysis as an
+        uninterrupted run (timings aside). Without a log there, the run starts
+        from the first layer. Without ``resume``, an existing log is replaced.
 
     Returns
     -------
@@ -104,9 +122,11 @@ def analyze(
     Raises
     ------
     UsageError
-        For an option out of range, or an option that does not apply to an
+        For an option out of range, an option that does not apply to an
         adapter (its spectra are exact from the r×r core: no engine settings,
-        seed, conv kernels or workers).
+        seed, conv kernels, workers or resuming), ``resume`` without a
+        ``results_log``, or a log of another run (other inputs, settings or
+        svdrank version).
     CheckpointError, PairingError, NumericalError
         For unreadable inputs, no layers in common, or NaN/Inf in an update.
 
@@ -144,14 +164,19 @@ def analyze(
             raise UsageError(
                 f"{base}: give BASE and TUNED checkpoints, or a PEFT adapter directory alone"
             )
-        _refuse_for_adapters(settings, workers)
+        _refuse_for_adapters(settings, workers, resume)
         return analyze_adapter(base, settings)
+    if resume and results_log is None:
+        raise UsageError("resuming needs the results log to resume from")
     base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
     pairing = pair_checkpoints(
         base_checkpoint, tuned_checkpoint, settings.include, settings.exclude, include_conv
     )
     model, layers = _place_in_model(pairing.layers, tuned_checkpoint, base_checkpoint)
-    results = tuple(_analyze_layers(layers, settings, workers, progress))
+    header = run_header(base_checkpoint, tuned_checkpoint, settings)
+    log = None if results_log is None else Path(results_log)
+    with open_results_log(log, header, layers, resume) as opened:
+        results = _run(layers, settings, workers, progress, opened)
     return Analysis(
         inputs={"base": describe_input(base_checkpoint), "tuned": describe_input(tuned_checkpoint)},
         settings=settings,
@@ -189,7 +214,7 @@ def _warn_unmatched(model: ModelInfo, layers: tuple[Layer, ...]) -> None:
         )
 
 
-def _refuse_for_adapters(settings: AnalysisSettings, workers: int) -> None:
+def _refuse_for_adapters(settings: AnalysisSettings, workers: int, resume: bool) -> None:
     """Raise when an option was given that an adapter analysis cannot honour.
 
     Only the metric and the include/exclude globs apply to an adapter: its
@@ -212,6 +237,7 @@ def _refuse_for_adapters(settings: AnalysisSettings, workers: int) -> None:
         if getattr(settings, name) != getattr(default, name)
     ]
     given += ["--workers"] if workers != 1 else []
+    given += ["--resume"] if resume else []
     if given:
         raise UsageError(
             f"{', '.join(given)} do not apply to a PEFT adapter (its spectra are exact, from "
@@ -219,46 +245,109 @@ def _refuse_for_adapters(settings: AnalysisSettings, workers: int) -> None:
         )
 
 
+def _run(
+    layers: Sequence[Layer],
+    settings: AnalysisSettings,
+    workers: int,
+    progress: Progress | None,
+    log: ResultsLog,
+) -> tuple[LayerResult, ...]:
+    """Compute the layers the log lacks, logging and reporting each; all results in layer order."""
+    report = _reporter(layers, progress)
+    results = dict(log.known)
+    for index in sorted(log.known):
+        report(layers[index], log.known[index])
+    for index, result in _analyze_layers(layers, settings, workers, log.known):
+        log.append(index, result)
+        results[index] = result
+        report(layers[index], result)
+    return tuple(results[index] for index in range(len(layers)))
+
+
+_Key = tuple[str, str, tuple[int, int]]
+
+
+def _alike(layer: Layer) -> _Key:
+    """Return what makes layers alike for ``auto``'s hint: their stack, kind and shape."""
+    return layer.stack, layer.kind, layer.shape
+
+
 def _analyze_layers(
-    layers: Sequence[Layer], settings: AnalysisSettings, workers: int, progress: Progress | None
-) -> Iterator[LayerResult]:
-    """Results in layer order, reading the next layer while earlier ones decompose.
+    layers: Sequence[Layer],
+    settings: AnalysisSettings,
+    workers: int,
+    known: Mapping[int, LayerResult],
+) -> Iterator[tuple[int, LayerResult]]:
+    """Decompose the layers not ``known`` in two waves; yield (index, result) as each finishes.
+
+    Layers of the same stack, kind and shape tend to decay alike (all q_proj of
+    a model, say). The first wave decomposes one probe per such group, its
+    first layer in order, with no hint; the second wave decomposes every other
+    layer with ``expect_slow`` when its group's probe needed its complete
+    spectrum (see :func:`svdrank.spectra.engines.decompose`). A layer's hint
+    depends on its probe alone, so results do not depend on ``workers``, on
+    timing or on which layers a resumed run already had; the second wave runs
+    ``workers`` layers at once whatever their kind, each waiting in its worker
+    for its probe if that is still running.
 
     At most ``workers`` updates are being decomposed and one more is being
-    formed, so memory holds ``workers + 1`` layers' ΔW at the most.
-
-    Layers of the same kind and shape tend to decay alike (all q_proj of a
-    model, say): once one of them needed its complete spectrum, the next is
-    decomposed with ``expect_slow`` (see :func:`svdrank.spectra.engines.decompose`).
-    The hint is always the outcome of the last earlier layer of the same kind
-    and shape (waited for if still running), so results do not depend on
-    ``workers`` or timing.
+    formed (the reader forms the next while workers decompose), so memory
+    holds ``workers + 1`` layers' ΔW at the most.
     """
-    report = _reporter(layers, progress)
+    probes: dict[_Key, int] = {}
+    for index, layer in enumerate(layers):
+        probes.setdefault(_alike(layer), index)
+    firsts = set(probes.values())
+    settled = firsts | set(known)
+    order = [index for index in probes.values() if index not in known]
+    order += [index for index in range(len(layers)) if index not in settled]
+    if not order:
+        return
+    noisy = settings.noise != "off"
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="svdrank-svd")
-    in_flight: deque[tuple[Layer, Future[LayerResult]]] = deque()
-    last_alike: dict[tuple[str, str, tuple[int, int]], Future[LayerResult]] = {}
+    running: dict[Future[LayerResult], int] = {}
+    outcomes: dict[int, Future[LayerResult] | LayerResult] = dict(known)
     try:
-        noisy = settings.noise != "off"
-        next_read = reader.submit(form_delta, layers[0], noisy)
-        for index, layer in enumerate(layers):
+        next_read = reader.submit(form_delta, layers[order[0]], noisy)
+        for position, index in enumerate(order):
             formed = next_read.result()
-            if len(in_flight) == workers:
-                yield _finish(*in_flight.popleft(), report)
-            alike = last_alike.get((layer.stack, layer.kind, layer.shape))
-            hint = alike is not None and needed_complete(alike.result().spectrum)
-            task = pool.submit(_analyze_layer, layer, formed, index, settings, hint)
-            last_alike[(layer.stack, layer.kind, layer.shape)] = task
-            in_flight.append((layer, task))
+            while len(running) == workers:
+                yield from _finished(running)
+            probe = None if index in firsts else outcomes[probes[_alike(layers[index])]]
+            task = pool.submit(_analyze_alike, layers[index], formed, index, settings, probe)
+            running[task] = index
+            if index in firsts:
+                outcomes[index] = task
             del formed
-            if index + 1 < len(layers):
-                next_read = reader.submit(form_delta, layers[index + 1], noisy)
-        while in_flight:
-            yield _finish(*in_flight.popleft(), report)
+            if position + 1 < len(order):
+                next_read = reader.submit(form_delta, layers[order[position + 1]], noisy)
+        while running:
+            yield from _finished(running)
     finally:
         reader.shutdown(wait=False, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _finished(running: dict[Future[LayerResult], int]) -> Iterator[tuple[int, LayerResult]]:
+    """Wait until a running layer finishes; yield each finished one (index, result), in order."""
+    done, _ = wait(running, return_when=FIRST_COMPLETED)
+    for task in sorted(done, key=running.__getitem__):
+        yield running.pop(task), task.result()
+
+
+def _analyze_alike(
+    layer: Layer,
+    formed: FormedDelta,
+    index: int,
+    settings: AnalysisSettings,
+    probe: Future[LayerResult] | LayerResult | None,
+) -> LayerResult:
+    """Decompose one layer, hinted by its probe's outcome (waited for); a probe has none."""
+    if isinstance(probe, Future):
+        probe = probe.result()
+    hint = probe is not None and needed_complete(probe.spectrum)
+    return _analyze_layer(layer, formed, index, settings, hint)
 
 
 def needed_complete(spectrum: Spectrum) -> bool:
@@ -311,12 +400,3 @@ def _reporter(
             )
 
     return report
-
-
-def _finish(
-    layer: Layer, task: Future[LayerResult], report: Callable[[Layer, LayerResult], None]
-) -> LayerResult:
-    """Wait for one layer's result and report it."""
-    result = task.result()
-    report(layer, result)
-    return result

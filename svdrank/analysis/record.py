@@ -132,7 +132,7 @@ def analysis_from_record(record: dict[str, Any], noise_default: str = "auto") ->
     stored = _get(record, "layers", "", _LIST)
     if not stored:
         raise FieldError("layers: empty; the analysis has no layers")
-    layers = tuple(_layer_from_record(layer, index) for index, layer in enumerate(stored))
+    layers = tuple(layer_from_record(layer, index) for index, layer in enumerate(stored))
     _check_unique(layers)
     skipped = tuple(
         _skipped_from_record(item, index)
@@ -175,8 +175,26 @@ def _target(stored: Any, where: str) -> Target | None:
     )
 
 
-def _layer_from_record(stored: Any, index: int) -> LayerResult:
-    """Check one layer's record and build its LayerResult."""
+def layer_from_record(stored: Any, index: int) -> LayerResult:
+    """Check one layer's record (see :func:`~svdrank.analysis.file.layer_record`) and build it.
+
+    Parameters
+    ----------
+    stored : dict
+        The layer's record.
+    index : int
+        Its position in the analysis, for messages (``layers[3] (…).shape``).
+
+    Returns
+    -------
+    LayerResult
+
+    Raises
+    ------
+    AnalysisFileError
+        A :class:`FieldError` naming the first field that is missing, of the
+        wrong type, out of range or inconsistent with another.
+    """
     where = f"layers[{index}]"
     if not isinstance(stored, dict):
         raise FieldError(f"{where}: must be an object, got {stored!r:.60}")

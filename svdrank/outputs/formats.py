@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from svdrank.errors import UsageError
 from svdrank.files import dumps
 from svdrank.inputs.checkpoint import Checkpoint
 from svdrank.outputs.peft import DEFAULT_ALPHA_RATIO, peft_record
-from svdrank.types import CheckReport, ModelInfo, RankPlan, Violation
+from svdrank.types import CheckReport, LayerRank, ModelInfo, RankPlan, Violation
 
 INSPECT_SCHEMA = "svdrank.inspect/1"
 RANK_FORMATS = ("table", "json", "peft", "csv", "markdown")
@@ -76,7 +77,8 @@ RULE_FIELDS = {
     "uniform": "uniform_rank",
     "budget": "budget",
 }
-"""The field of a rank config that holds each rule's value; the others are null."""
+"""The field of a rank config that holds each rule's value; the others are null. The
+``signal`` rule has no value (each layer's rank is its signal rank)."""
 
 
 def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[str, Any]:
@@ -85,6 +87,12 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
     Every ``energy`` figure, per module and in the totals, is in the plan's
     metric. Only the field of the plan's own rule holds a value: an
     ``sv_ratio`` plan has ``"sv_ratio": 4.0`` and ``"energy_target": null``.
+    The ``signal`` rule has no value: every such field is null.
+    ``noise_aware`` says whether some rank was read from a clean spectrum
+    above the storage noise. Each module records its ``signal_rank`` (null
+    without a noise floor) and the ``raw_rank`` the same rule gives on the raw
+    spectrum (null where that spectrum cannot answer it, or for rules with no
+    raw reading: budgets and ``signal``).
 
     Parameters
     ----------
@@ -98,9 +106,10 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
     """
     rule = rank_plan.rule
     values: dict[str, float | int | None] = dict.fromkeys(RULE_FIELDS.values())
-    values[RULE_FIELDS[rule.method]] = (
-        int(rule.value) if rule.method in ("budget", "uniform") else rule.value
-    )
+    if rule.method in RULE_FIELDS:
+        values[RULE_FIELDS[rule.method]] = (
+            int(rule.value) if rule.method in ("budget", "uniform") else rule.value
+        )
     return {
         "schema": RANKS_SCHEMA,
         "analysis": analysis_path,
@@ -109,10 +118,13 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
         **values,
         "objective": rule.objective,
         "metric": rank_plan.metric,
+        "noise_aware": noise_aware([rank_plan]),
         "constraints": asdict(rank_plan.constraints),
         "modules": {
             item.layer.module: {
                 "rank": item.rank,
+                "raw_rank": item.raw_rank,
+                "signal_rank": _signal_rank(item),
                 "energy": round(item.energy, 6),
                 "params": item.params,
                 "shape": list(item.layer.shape),
@@ -131,28 +143,53 @@ def ranks_record(rank_plan: RankPlan, analysis_path: str | None = None) -> dict[
     }
 
 
+def noise_aware(plans: Sequence[RankPlan]) -> bool:
+    """Whether any plan read a layer's rank from its clean spectrum above the storage noise."""
+    return any(item.layer.spectrum.noise_limited for plan in plans for item in plan.layers)
+
+
+def _signal_rank(item: LayerRank) -> int | None:
+    """Give the layer's signal rank r_s, or None without a noise floor."""
+    return None if item.layer.noise is None else item.layer.noise.signal_rank
+
+
 PLAN_COLUMNS = ("module", "kind", "block", "shape")
 
 
 def _plan_rows(plans: list[RankPlan]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the side-by-side layer table of one or more plans."""
+    """Header and rows of the side-by-side layer table of one or more plans.
+
+    Noise-aware plans add, after every plan's columns, the layer's signal rank
+    and each plan's raw rank.
+    """
+    aware = noise_aware(plans)
     header = list(PLAN_COLUMNS)
     for rank_plan in plans:
         header += [f"rank {rank_plan.rule.label}", f"energy {rank_plan.rule.label}"]
+    if aware:
+        header += ["signal rank", *(f"raw rank {p.rule.label}" for p in plans)]
     rows = []
     for index, first in enumerate(plans[0].layers):
         layer = first.layer
         row = [
             layer.module,
             layer.kind,
-            "" if layer.block is None else str(layer.block),
+            _blank_if_none(layer.block),
             "x".join(map(str, layer.shape)),
         ]
-        for rank_plan in plans:
-            item = rank_plan.layers[index]
+        items = [rank_plan.layers[index] for rank_plan in plans]
+        for item in items:
             row += [str(item.rank), f"{item.energy:.4f}"]
+        if aware:
+            row += [_blank_if_none(_signal_rank(first))]
+            row += [_blank_if_none(item.raw_rank) for item in items]
         rows.append(row)
     return header, rows
+
+
+def _blank_if_none(value: int | None) -> str:
+    """Write a whole number as text, or an empty cell for None."""
+    return "" if value is None else str(value)
 
 
 def plans_csv(plans: list[RankPlan]) -> str:
@@ -171,6 +208,7 @@ def plans_markdown(plans: list[RankPlan]) -> str:
     totals = ["**total**", "", "", ""]
     for rank_plan in plans:
         totals += [f"{rank_plan.params:,} params", f"{rank_plan.energy:.4f}"]
+    totals += [""] * (len(header) - len(totals))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in [*rows, totals]]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,14 @@ from svdrank.files import output_directory, write_files_atomically
 from svdrank.inputs.names import kinds_in_order, short_kinds
 from svdrank.outputs.formats import IMAGE_FORMATS
 from svdrank.outputs.heatmaps import DPI, rank_heatmap
+from svdrank.outputs.noise_marks import (
+    draw_signal_marks,
+    draw_thresholds,
+    signal_handle,
+    signal_point,
+    threshold_handle,
+    threshold_segment,
+)
 from svdrank.outputs.report import html_report, summary_table_html
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import energy_curve
@@ -94,31 +102,42 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
     Each panel draws its curves as one ``LineCollection`` (gid ``layer-curves``)
     and its marks as one scatter (gid ``chosen-rank``), in the order of
     ``analysis.layers``: one artist per panel instead of one per layer keeps a
-    32-block figure well under a second.
+    32-block figure well under a second. A noise-aware plan's curves are those
+    of each layer's clean update (the spectra its ranks were read from), so the
+    target lines cross them at the marked ranks; they end at the signal rank
+    r_s, which is marked too (one scatter per panel, gid ``signal-rank``).
     """
     metric = rank_plan.metric
     labels = panel_labels(analysis.layers)
     kinds = kinds_in_order(labels.values())
+    shown = {item.layer.module: item.layer.spectrum for item in rank_plan.layers}
+    clean = any(spectrum.noise_limited for spectrum in shown.values())
     figure, axes = _panels(
-        f"Energy kept by rank k ({metric}) — marks: {rank_plan.rule.label}", kinds
+        f"Energy kept by rank k ({metric}{', clean update' if clean else ''}) — "
+        f"marks: {rank_plan.rule.label}",
+        kinds,
     )
     color, norm, cmap = _block_colors(analysis.layers)
     ranks = {item.layer.module: item.rank for item in rank_plan.layers}
     wide = _spans_a_decade(list(ranks.values()))
-    curves, marks = _by_kind(kinds), _by_kind(kinds)
+    curves, marks, signals = _by_kind(kinds), _by_kind(kinds), _by_kind(kinds)
     for layer in analysis.layers:
-        curve = energy_curve(layer.spectrum, metric)
+        curve = energy_curve(shown.get(layer.module, layer.spectrum), metric)
         if curve.size == 0:
             continue
-        shown = _thinned(curve.size, log=wide)
+        points = _thinned(curve.size, log=wide)
         panel = labels[layer.module]
-        curves[panel].append((np.column_stack([shown, curve[shown - 1]]), color(layer)))
+        curves[panel].append((np.column_stack([points, curve[points - 1]]), color(layer)))
         rank = ranks[layer.module]
         if rank > 0:
             marks[panel].append(((rank, curve[min(rank, curve.size) - 1]), color(layer)))
+        signal = signal_point(layer, curve)
+        if signal is not None:
+            signals[panel].append((signal, color(layer)))
     for kind, ax in axes.items():
         _draw_curves(ax, curves[kind])
         _draw_marks(ax, marks[kind])
+        draw_signal_marks(ax, signals[kind])
         for target, style in zip(sorted(PRESETS.values()), (":", "--", "-."), strict=True):
             ax.axhline(
                 target,
@@ -133,7 +152,8 @@ def energy_curves(analysis: Analysis, rank_plan: RankPlan) -> Figure:
         ax.set_ylim(0, 1.02)
         if wide:
             _log_axis(ax.xaxis, ax.set_xscale)
-    _legend(figure, next(iter(axes.values())))
+    noisy = any(signals.values())
+    _legend(figure, next(iter(axes.values())), [signal_handle()] if noisy else [])
     _block_colorbar(figure, axes, norm, cmap)
     return figure
 
@@ -197,8 +217,8 @@ def _spans_a_decade(ranks: list[int]) -> bool:
     return bool(positive) and max(positive) >= 10 * min(positive)
 
 
-def _legend(figure: Figure, ax) -> None:
-    """One legend for the target lines and the rank marker, under the title."""
+def _legend(figure: Figure, ax, extra: list[Line2D]) -> None:
+    """One legend for the target lines, the rank marker and ``extra`` entries, under the title."""
     handles = [line for line in ax.get_lines() if line.get_gid() == "target-line"]
     handles.append(
         Line2D(
@@ -212,6 +232,7 @@ def _legend(figure: Figure, ax) -> None:
             label="chosen rank",
         )
     )
+    handles += extra
     figure.legend(handles=handles, loc="outside upper right", ncols=len(handles), frameon=False)
 
 
@@ -226,13 +247,15 @@ def singular_value_decay(analysis: Analysis) -> Figure:
     """σᵢ/σ₁ on a log scale per layer, coloured by block, one panel per kind.
 
     As in :func:`energy_curves`, each panel's curves are one ``LineCollection``
-    (gid ``layer-curves``, in the order of ``analysis.layers``).
+    (gid ``layer-curves``, in the order of ``analysis.layers``). Layers with
+    storage noise draw their threshold τ/σ₁ as a dashed line of their colour
+    across their indices (one ``LineCollection`` per panel, gid ``noise-threshold``).
     """
     labels = panel_labels(analysis.layers)
     kinds = kinds_in_order(labels.values())
     figure, axes = _panels("Singular-value decay σᵢ/σ₁", kinds)
     color, norm, cmap = _block_colors(analysis.layers)
-    curves = _by_kind(kinds)
+    curves, thresholds = _by_kind(kinds), _by_kind(kinds)
     for layer in analysis.layers:
         values = layer.spectrum.values
         if values.size == 0 or values[0] == 0:
@@ -241,12 +264,18 @@ def singular_value_decay(analysis: Analysis) -> Figure:
         shown = shown[values[shown - 1] > 0]
         relative = values[shown - 1] / values[0]
         curves[labels[layer.module]].append((np.column_stack([shown, relative]), color(layer)))
+        segment = threshold_segment(layer)
+        if segment is not None:
+            thresholds[labels[layer.module]].append((segment, color(layer)))
     for kind, ax in axes.items():
         _log_axis(ax.yaxis, ax.set_yscale)
         _log_axis(ax.xaxis, ax.set_xscale)
         _draw_curves(ax, curves[kind])
+        draw_thresholds(ax, thresholds[kind])
         ax.set_xlabel("index i")
         ax.set_ylabel("σᵢ / σ₁")
+    if any(thresholds.values()):
+        figure.legend(handles=[threshold_handle()], loc="outside upper right", frameon=False)
     _block_colorbar(figure, axes, norm, cmap)
     return figure
 

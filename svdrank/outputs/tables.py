@@ -19,6 +19,7 @@ from rich.table import Table
 
 from svdrank.inputs.checkpoint import Checkpoint
 from svdrank.inputs.names import kinds_in_order, module_of, name_modules, short_kinds
+from svdrank.outputs.noise_columns import add_noise_columns, flag_caption, has_noise, noise_cells
 from svdrank.types import (
     SKIP_REASONS,
     Analysis,
@@ -113,17 +114,29 @@ def diff_tables(analysis: Analysis, plans: PlanSet) -> list[Table]:
 
 
 def _layer_table(analysis: Analysis, plans: PlanSet) -> Table:
-    """One row per layer: norms, the ranks of each plan, energy kept at uniform ranks, engine."""
-    table = Table(title=f"{len(analysis.layers)} layers", title_justify="left")
+    """One row per layer: norms, the ranks of each plan, energy kept at uniform ranks, engine.
+
+    With storage noise, the signal rank, τ, the energy below τ and the flags
+    follow, and a caption counts the flagged layers.
+    """
+    noisy = has_noise(analysis.layers)
+    table = Table(
+        title=f"{len(analysis.layers)} layers",
+        title_justify="left",
+        caption=flag_caption(analysis.layers),
+        caption_justify="left",
+    )
     table.add_column("module")
     table.add_column("shape")
     for column in ("‖ΔW‖", "‖ΔW‖/‖W‖"):
         table.add_column(column, justify="right")
     for rank_plan in plans.chosen:
-        table.add_column(f"r@{rank_plan.rule.value:.0%}", justify="right")
+        table.add_column(_rank_heading(rank_plan), justify="right")
     for rank_plan in plans.uniform:
         table.add_column(f"E(r={rank_plan.rule.value:.0f})", justify="right")
     table.add_column("engine")
+    if noisy:
+        add_noise_columns(table)
     for index, layer in enumerate(analysis.layers):
         spectrum = layer.spectrum
         ranks = [str(rank_plan.layers[index].rank) for rank_plan in plans.chosen]
@@ -136,8 +149,21 @@ def _layer_table(analysis: Analysis, plans: PlanSet) -> Table:
             *ranks,
             *kept,
             spectrum.engine + ("" if spectrum.complete else f" k={spectrum.k}"),
+            *(noise_cells(layer) if noisy else []),
         )
     return table
+
+
+def _rank_heading(rank_plan: RankPlan) -> str:
+    """Head a column of ranks: ``r@90%`` for an energy rule, else the rule's label."""
+    rule = rank_plan.rule
+    return f"r@{rule.value:.0%}" if rule.method == "energy" else f"r {rule.label}"
+
+
+def _plan_heading(rank_plan: RankPlan) -> str:
+    """Head a plan's column: its label, with the target of an energy rule."""
+    rule = rank_plan.rule
+    return f"{rule.label} ({rule.value:.0%})" if rule.method == "energy" else rule.label
 
 
 def _energy_text(item: LayerRank) -> str:
@@ -158,7 +184,7 @@ def _kind_table(plans: list[RankPlan]) -> Table:
     table.add_column("layers", justify="right")
     table.add_column("full FT", justify="right")
     for rank_plan in plans:
-        table.add_column(f"{rank_plan.rule.label} ({rank_plan.rule.value:.0%})", justify="right")
+        table.add_column(_plan_heading(rank_plan), justify="right")
     groups: dict[tuple[str, str], list[int]] = {}
     for position, item in enumerate(plans[0].layers):
         groups.setdefault((item.layer.stack, item.layer.kind), []).append(position)
@@ -205,19 +231,47 @@ def _skipped_table(analysis: Analysis) -> Table:
     return table
 
 
-def plans_table(plans: list[RankPlan]) -> Table:
-    """Ranks and retained energy per layer for one or more plans side by side, with totals."""
-    table = Table(title="Recommended LoRA ranks", title_justify="left")
+def plans_table(plans: list[RankPlan], analysis: Analysis | None = None) -> Table:
+    """Tabulate ranks and retained energy per layer for one or more plans side by side.
+
+    Parameters
+    ----------
+    plans : list of RankPlan
+        Made from the same analysis, so their layers line up.
+    analysis : Analysis, optional
+        The analysis the plans were made from. When some of its layers have
+        storage noise, their signal rank, τ, energy below τ and flags follow
+        (read from the raw spectra, which a noise-aware plan no longer holds),
+        and a caption counts the flagged layers.
+
+    Returns
+    -------
+    Table
+        One row per layer and a totals row.
+    """
+    stored = {layer.module: layer for layer in analysis.layers} if analysis is not None else {}
+    raw = [stored[item.layer.module] for item in plans[0].layers] if stored else []
+    noisy = has_noise(raw)
+    table = Table(
+        title="Recommended LoRA ranks",
+        title_justify="left",
+        caption=flag_caption(raw),
+        caption_justify="left",
+    )
     table.add_column("module")
     table.add_column("shape")
     for rank_plan in plans:
         table.add_column(f"r {rank_plan.rule.label}", justify="right")
         table.add_column("kept", justify="right")
+    if noisy:
+        add_noise_columns(table)
     for index, first in enumerate(plans[0].layers):
         cells = []
         for rank_plan in plans:
             item = rank_plan.layers[index]
             cells += [str(item.rank), f"{item.energy:.1%}"]
+        if noisy:
+            cells += noise_cells(raw[index])
         table.add_row(first.layer.module, "x".join(map(str, first.layer.shape)), *cells)
     totals = []
     for rank_plan in plans:

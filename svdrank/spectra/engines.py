@@ -67,8 +67,8 @@ def decompose(
         finite entries, as the analysis forms it with ΔW); computed and checked
         here otherwise.
     expect_slow : bool
-        A hint for ``auto``: a similar layer (same kind and shape) just needed
-        its complete spectrum, so this one probably will too. The Gram matrix
+        A hint for ``auto``: a similar layer (the probe of the same stack, kind
+        and shape) needed its complete spectrum, so this one probably will too. The Gram matrix
         is then formed first and probed (see :func:`_gram_first`) instead of
         sketching ΔW: a cheaper probe when the hint is right, one SYRK too many
         when it is wrong. The values are equally correct either way.

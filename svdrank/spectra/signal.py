@@ -167,10 +167,11 @@ def noise_flags(layer: LayerResult) -> tuple[str, ...]:
 
     ``noisy``: more than 10 % of ‖ΔW‖_F² lies below τ; ``sub-ulp``: more than
     half the entries did not change; ``unresolved``: ΔW ≠ 0 but no singular
-    value stands above τ (the file cannot resolve this layer's update).
+    value stands above τ (the file cannot resolve this layer's update). A
+    layer whose stored weights did not change at all has no flag.
     """
     noise = layer.noise
-    if noise is None:
+    if noise is None or layer.spectrum.total_energy == 0.0:
         return ()
     share = below_threshold_share(layer) or 0.0
     flags = []
