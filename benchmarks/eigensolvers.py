@@ -39,7 +39,7 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.pipeline import MODELS, Model, layer_floor
-from svdrank import nogil
+from svdrank.spectra import nogil
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.inputs.pairing import pair_checkpoints
 
