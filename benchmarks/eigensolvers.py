@@ -39,9 +39,9 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.pipeline import MODELS, Model, layer_floor
-from svdrank.spectra import nogil
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.inputs.pairing import pair_checkpoints
+from svdrank.spectra import nogil
 
 SLOW_DECAY = 0.5
 COLUMN_MAJOR = 102  # LAPACK_COL_MAJOR

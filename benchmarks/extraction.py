@@ -1,15 +1,18 @@
 """`svdrank extract` against `svdrank diff` on the same generated pairs: time and peak RSS.
 
 The pairs are the pipeline benchmark's (BF16, Llama shapes, three decay
-regimes). Extraction at the balanced preset analyses the pair as ``diff`` does,
-then reads it again and computes each layer's top-r singular vectors; the
-target is at most 1.5x ``diff``'s time, with a peak RSS within ``diff``'s bound
-(3x the largest layer in float32 + 200 MB). Both commands run as separate
-processes, interleaved, page cache warm; medians of REPEATS runs.
+regimes). Extraction at the balanced preset reads the pair once: each layer is
+analysed as ``diff`` analyses it, then its top-r singular vectors are computed
+from the same ΔW; the target is at most 1.5x ``diff``'s time, with a peak RSS
+within ``diff``'s bound (3x the largest layer in float32 + 200 MB). Both
+commands run as separate processes, interleaved, page cache warm; medians of
+REPEATS runs. The one-minute load average before and after each pair is kept:
+on a shared machine a ratio measured under load is only indicative.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +44,7 @@ def run_regime(model: Model, name: str, regime: dict[str, float], scratch: Path)
     """Time diff and extract on one pair; peak RSS of both."""
     base, tuned = write_pair(scratch, model, regime, seed=len(name))
     warm_page_cache(base, tuned)
+    load_before = os.getloadavg()[0]
     diff_args = ["diff", str(base), str(tuned), "-o", str(scratch / "a.json"), "--format", "json"]
     extract_args = ["extract", str(base), str(tuned), "-o", str(scratch / "adapter")]
     extract_args += ["--preset", "balanced", "--format", "json"]
@@ -60,6 +64,7 @@ def run_regime(model: Model, name: str, regime: dict[str, float], scratch: Path)
         "diff_peak_rss_bytes": max(rss for _, rss in diffs),
         "extract_peak_rss_bytes": max(rss for _, rss in extracts),
         "rss_limit_bytes": 3 * largest + 200_000_000,
+        "load_average": [load_before, os.getloadavg()[0]],
     }
 
 
@@ -74,15 +79,17 @@ def markdown(record: dict) -> str:
             f"**{row['ratio']:.2f}**",
             f"{row['diff_peak_rss_bytes'] / 1e6:.0f} MB",
             f"{row['extract_peak_rss_bytes'] / 1e6:.0f} MB ({row['rss_limit_bytes'] / 1e6:.0f})",
+            "/".join(f"{load:.1f}" for load in row.get("load_average", [])) or "?",
         ]
         for row in record["rows"]
     ]
     header = ["pair", "spectra", "diff", "extract --preset balanced", "ratio", "diff RSS"]
-    header.append("extract RSS (limit)")
+    header += ["extract RSS (limit)", "load before/after"]
     return (
         "# `svdrank extract` against `svdrank diff`\n\n"
         f"Machine: {record['machine']['cores']} cores; numpy {record['machine']['numpy']}, "
         f"scipy {record['machine']['scipy']}; medians of {record['repeats']}.\n\n"
+        + (f"{record['note']}\n\n" if record.get("note") else "")
         + markdown_table(header, rows)
     )
 

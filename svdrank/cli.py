@@ -223,6 +223,7 @@ def diff(
     include_conv: options.DiffIncludeConv = False,
     noise: options.DiffNoise = options.AnalysisNoise["auto"],
     workers: options.DiffWorkers = 1,
+    device: options.DiffDevice = options.Device["cpu"],
     output: options.DiffOutput = DEFAULT_ANALYSIS,
     output_format: options.DiffOutputFormat = None,
     plot_dir: options.DiffPlotDir = None,
@@ -263,6 +264,7 @@ def diff(
             include_conv=include_conv,
             noise=_value(noise),
             workers=workers,
+            device=_value(device),
             progress=progress,
             results_log=log,
             resume=resume,
@@ -518,6 +520,9 @@ def extract(
     quiet: options.DiffQuiet = False,
 ) -> None:
     """Write a PEFT LoRA adapter of TUNED − BASE at recommended ranks, with each module's error.
+
+    Rules that decide each layer alone read the pair once; --budget, --budget-ratio, --ranks
+    and --uniform-alpha analyse the whole pair first, then read it again for the factors.
 
     Given a PEFT LoRA adapter directory alone, re-factor it at the ranks asked for instead
     (from each module's exact r×r core).

@@ -18,6 +18,7 @@ from svdrank.ranks.budget import OBJECTIVES
 from svdrank.ranks.rules import PRESETS, SIGNAL_PRESET
 from svdrank.types import (
     ADAPTER_DTYPES,
+    DEVICES,
     ENGINES,
     LANCZOS_SOLVERS,
     METRICS,
@@ -33,6 +34,7 @@ def _choices(name: str, values: tuple[str, ...] | list[str]) -> Any:
 
 
 Engine = _choices("Engine", ENGINES)
+Device = _choices("Device", DEVICES)
 Metric = _choices("Metric", METRICS)
 Normalizer = _choices("Normalizer", NORMALIZERS)
 LanczosSolver = _choices("LanczosSolver", LANCZOS_SOLVERS)
@@ -155,6 +157,14 @@ DiffIncludeConv = Annotated[
     bool, typer.Option(help="Analyse 4-D conv kernels as (out, in·kh·kw) matrices.")
 ]
 DiffWorkers = Annotated[int, typer.Option(help="Layers decomposed at the same time (≥ 1).")]
+DiffDevice = Annotated[
+    Device,
+    typer.Option(
+        help="Where the spectra are computed: cpu: NumPy and SciPy's LAPACK; cuda: torch on "
+        "the CUDA GPU (pip install 'svdrank[gpu]'); auto: cuda when torch sees one, else "
+        "cpu; torch-cpu: the cuda code on the CPU (for testing). Same ranks on every device.",
+    ),
+]
 DiffOutput = Annotated[
     Path, typer.Option("--output", "-o", help="Where to write the analysis file.")
 ]

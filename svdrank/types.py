@@ -26,6 +26,11 @@ NORMALIZERS = ("lu", "qr", "none")
 """Power-iteration normalisers of the randomized engine."""
 LANCZOS_SOLVERS = ("arpack", "propack")
 """SciPy's truncated SVD solvers behind the lanczos engine."""
+DEVICES = ("cpu", "cuda", "auto", "torch-cpu")
+"""Where ``diff`` computes the spectra: ``cpu`` NumPy and SciPy's LAPACK (the default),
+``cuda`` torch on a CUDA GPU, ``auto`` cuda when torch sees one (else cpu), ``torch-cpu``
+the cuda code on torch's CPU device (how the tests check it). A run option, not a setting:
+the spectra mean the same on every device."""
 METRICS = ("fro", "nuclear")
 """Energy metrics: Σσ² shares (fro) or Σσ shares (nuclear)."""
 NOISE_MODES = ("auto", "full", "off")

@@ -290,3 +290,17 @@ def test_sum_of_squares_in_chunks_equals_float64_reference(shape):
         expected = float(np.sum(array.astype(np.float64) ** 2))
         # float32 products may be rounded to float32 by BLAS dsdot: 2⁻²⁴ relative at most.
         assert sum_of_squares(array) == pytest.approx(expected, rel=tolerance)
+
+
+def test_the_krylov_setting_reaches_the_engine_through_decompose():
+    """`diff --krylov` changes the sketch `decompose` grows, and makes its values more accurate."""
+    matrix = _matrix("power-1", (800, 600), np.float32)
+    sigma = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+
+    def error(krylov):
+        settings = EngineSettings(engine="randomized", power_iters=1, krylov=krylov)
+        spectrum = decompose(matrix, settings, np.random.default_rng(2))
+        assert spectrum.engine == "randomized" and not spectrum.complete
+        return np.max(np.abs(spectrum.values - sigma[: spectrum.k]) / sigma[: spectrum.k])
+
+    assert error(True) < 0.75 * error(False)  # measured 0.039 against 0.068

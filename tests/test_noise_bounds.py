@@ -19,7 +19,12 @@ from svdrank.analysis.floor import MODEL_UNCHANGED
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.inputs.pairing import pair_checkpoints
 from svdrank.spectra.energy import rank_at
-from svdrank.spectra.noise import entry_dominates, noise_floor, threshold_bounds
+from svdrank.spectra.noise import (
+    entry_dominates,
+    noise_floor,
+    threshold_bounds,
+    variance_profile,
+)
 from svdrank.spectra.signal import clean_noise_energy, clean_rank, clean_spectrum, signal_rank
 from tests.conftest import write_checkpoint
 
@@ -93,11 +98,13 @@ def test_bounds_hold_the_exact_profile_and_bracket_tau(tmp_path, profile, shape,
         np.random.default_rng(0),
         roundings=rounding.roundings,
     )
-    low, high = threshold_bounds(bounds, shape)
-    assert floor.threshold <= high
     model_holds = rounding.unchanged <= MODEL_UNCHANGED * formed.delta.size
-    if model_holds and not entry_dominates(bounds):
-        assert low <= floor.threshold
+    exact = variance_profile(variance.astype(np.float32), rounding.roundings)
+    for profile in (bounds, exact):  # from the squares, then from the variances themselves
+        low, high = threshold_bounds(profile, shape)
+        assert floor.threshold <= high
+        if model_holds and not entry_dominates(profile):
+            assert low <= floor.threshold
 
 
 def _decaying_pair(tmp_path, shape, alpha, relative, seed=0):

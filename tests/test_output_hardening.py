@@ -161,8 +161,8 @@ def test_diff_plot_into_a_full_disk_writes_neither_the_analysis_nor_figures(
     assert list(tmp_path.iterdir()) == [tmp_path / "a.json.resume"]
     monkeypatch.undo()
     calls = []
-    real = pipeline._analyze_layer
-    monkeypatch.setattr(pipeline, "_analyze_layer", lambda *args: calls.append(1) or real(*args))
+    real = pipeline.analyze_layer
+    monkeypatch.setattr(pipeline, "analyze_layer", lambda *args: calls.append(1) or real(*args))
 
     result = run_cli("diff", BASE, TUNED, "-o", tmp_path / "a.json", "--resume", "-q")
 

@@ -19,15 +19,15 @@ def decaying_pair(tmp_path):
 def _hinted(monkeypatch, before=None):
     """Record each layer's ``expect_slow`` hint by module (and run ``before`` first)."""
     hints: dict[str, bool] = {}
-    real = pipeline._analyze_layer
+    real = pipeline.analyze_layer
 
-    def analyze_layer(layer, formed, index, settings, expect_slow=False):
+    def analyze_layer(layer, formed, index, settings, kernels, expect_slow=False):
         if before is not None:
             before(layer)
         hints[layer.module] = expect_slow
-        return real(layer, formed, index, settings, expect_slow)
+        return real(layer, formed, index, settings, kernels, expect_slow)
 
-    monkeypatch.setattr(pipeline, "_analyze_layer", analyze_layer)
+    monkeypatch.setattr(pipeline, "analyze_layer", analyze_layer)
     return hints
 
 
@@ -94,7 +94,7 @@ def test_layers_of_one_kind_are_decomposed_at_the_same_time(decaying_pair, monke
 def test_at_most_workers_plus_one_updates_are_in_memory(decaying_pair, monkeypatch, workers):
     held = {"now": 0, "most": 0}
     lock = threading.Lock()
-    real_form, real_analyze = pipeline.form_delta, pipeline._analyze_layer
+    real_form, real_analyze = pipeline.form_delta, pipeline.analyze_layer
 
     def form_delta(*args, **kwargs):
         formed = real_form(*args, **kwargs)
@@ -111,7 +111,7 @@ def test_at_most_workers_plus_one_updates_are_in_memory(decaying_pair, monkeypat
                 held["now"] -= 1
 
     monkeypatch.setattr(pipeline, "form_delta", form_delta)
-    monkeypatch.setattr(pipeline, "_analyze_layer", analyze_layer)
+    monkeypatch.setattr(pipeline, "analyze_layer", analyze_layer)
 
     analysis = pipeline.analyze(*decaying_pair, workers=workers)
 

@@ -26,7 +26,7 @@ def pair(tmp_path):
 def _counting(monkeypatch, stop_after=None):
     """Count the layers decomposed; raise KeyboardInterrupt at decomposition stop_after + 1."""
     calls = []
-    real = pipeline._analyze_layer
+    real = pipeline.analyze_layer
 
     def analyze_layer(layer, *args, **kwargs):
         calls.append(layer.module)
@@ -34,7 +34,7 @@ def _counting(monkeypatch, stop_after=None):
             raise KeyboardInterrupt
         return real(layer, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_analyze_layer", analyze_layer)
+    monkeypatch.setattr(pipeline, "analyze_layer", analyze_layer)
     return calls
 
 

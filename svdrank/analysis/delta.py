@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from svdrank.inputs.checkpoint import forget_pages, read_tensor_view
+from svdrank.inputs.checkpoint import DTYPES, forget_pages, read_tensor_view
 from svdrank.spectra.kernels import require_finite, sum_of_squares
 from svdrank.spectra.noise import (
     GRIDS,
@@ -193,7 +193,7 @@ class _ProfileSums:
         peak = 0.0
         for start in range(0, stored.shape[0], self.block_rows):
             block = self.buffer[: min(self.block_rows, stored.shape[0] - start)]
-            np.copyto(block, stored[start : start + block.shape[0]], casting="unsafe")
+            _widen(stored[start : start + block.shape[0]], block)
             np.square(block, out=block)
             sums[start : start + block.shape[0]] = block.sum(axis=1)
             columns += block.sum(axis=0)
@@ -211,6 +211,20 @@ class _ProfileSums:
             roundings,
         )
         return Rounding(grids, bounds, self.size - self.changed)
+
+
+def _widen(stored: np.ndarray, out: np.ndarray) -> None:
+    """Widen stored values into a float32 buffer of their shape, exactly.
+
+    BF16 is the top half of a float32 word, so a shift widens it (about 3.5×
+    faster here than ml_dtypes' cast, which the other dtypes use).
+    """
+    if stored.dtype == DTYPES["BF16"]:
+        words = out.view(np.uint32)
+        np.copyto(words, stored.view(np.uint16), casting="unsafe")
+        np.left_shift(words, 16, out=words)
+    else:
+        np.copyto(out, stored, casting="unsafe")
 
 
 def _matrix(stored: np.ndarray, layer: Layer) -> np.ndarray:

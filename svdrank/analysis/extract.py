@@ -55,7 +55,7 @@ class FactorSettings:
     oversample, power_iters, normalizer
         Settings of the randomized SVD (see :func:`svdrank.spectra.factors.randomized_svd`).
     seed : int
-        Layer i's sketch is seeded with ``[seed, i]``.
+        The sketch of the analysis's layer i is seeded with ``[seed, i]``.
     """
 
     dtype: str = "F32"
@@ -73,12 +73,17 @@ class FactorSettings:
 
 @dataclass(frozen=True)
 class FactorJob:
-    """One layer to factor: where to read it, its analysis, rank r and LoRA scale s."""
+    """One layer to factor: where to read it, its analysis, rank r, LoRA scale s, its index.
+
+    ``index`` is the layer's place in the analysis: its sketch is seeded with
+    ``[seed, index]``, so a layer's factors do not depend on which others are adapted.
+    """
 
     layer: Layer
     result: LayerResult
     rank: int
     scale: float
+    index: int
 
     @property
     def known_energy(self) -> float:
@@ -162,7 +167,7 @@ def factor_layers(
             formed = next_read.result()
             if index + 1 < len(jobs):
                 next_read = reader.submit(form_delta, jobs[index + 1].layer)
-            rng = np.random.default_rng([settings.seed, index])
+            rng = np.random.default_rng([settings.seed, job.index])
             yield factor_update(formed, job, settings, rng)
             del formed
             done_bytes += layer_bytes(job.layer)
@@ -235,6 +240,8 @@ def store(
     """
     b, a = lora_factors(svd, scale)
     stored_b, stored_a = _cast(b, dtype, name), _cast(a, dtype, name)
+    underflows = _underflows(b, dtype) + _underflows(a, dtype)
+    del b, a  # the residual below is the peak of memory: free the unrounded factors first
     if residual is None:
         assert delta is not None
         error_energy = residual_energy(delta, stored_b, stored_a, scale)
@@ -245,7 +252,7 @@ def store(
         error=relative_error(error_energy, total),
         optimal=relative_error(optimal, total),
         method=svd.method,
-        underflows=_underflows(b, dtype) + _underflows(a, dtype),
+        underflows=underflows,
     )
     return Factored(stored_b, stored_a, quality)
 

@@ -11,8 +11,10 @@ singular value falls inside the bracket, or the ranks the presets give do not
 depend on where τ (and the noise energy) lie in it, the bracket answers. Where
 the storage model may overstate the noise (updates below one ulp in many
 entries, heavy tails or a "super weight" setting the edge) the bracket has no
-low end. Only layers the bracket cannot answer get the full estimate after
-their spectrum.
+low end. When the bracket from the squares cannot answer, the exact variance
+(one more pass over the stored layer) brackets τ about twice as tightly; only
+layers that one cannot answer either get the full estimate, from the same
+variance.
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from svdrank.analysis.delta import FormedDelta, Rounding, layer_variance
+from svdrank.spectra.devices import HOST, Kernels
 from svdrank.spectra.engines import decompose
-from svdrank.spectra.noise import NoiseFloor, entry_dominates, noise_floor, threshold_bounds
+from svdrank.spectra.noise import (
+    NoiseFloor,
+    ProfileBounds,
+    entry_dominates,
+    noise_floor,
+    threshold_bounds,
+    variance_profile,
+)
 from svdrank.spectra.signal import clean_noise_energy, clean_rank, signal_rank
 from svdrank.types import AnalysisSettings, Layer, LayerNoise, Spectrum
 
@@ -54,6 +64,7 @@ def spectrum_with_noise(
     settings: AnalysisSettings,
     index: int,
     expect_slow: bool = False,
+    kernels: Kernels = HOST,
 ) -> tuple[Spectrum, LayerNoise | None]:
     """Decompose one layer's update and, when its inputs were rounded, set its noise floor.
 
@@ -73,6 +84,8 @@ def spectrum_with_noise(
         The layer's position in the analysis.
     expect_slow : bool
         The ``auto`` engine's hint (see :func:`svdrank.spectra.engines.decompose`).
+    kernels : Kernels
+        Where the spectrum is computed; the noise floor is computed on the host.
 
     Returns
     -------
@@ -91,6 +104,7 @@ def spectrum_with_noise(
             formed.total_energy,
             expect_slow,
             threshold,
+            kernels,
         )
 
     if rounding is None:
@@ -101,27 +115,30 @@ def spectrum_with_noise(
         floor = _full_floor(layer, formed, rounding, floor_rng)
         found = spectrum(floor.threshold)
         return found, _estimated(rounding, floor, found, formed.delta.size)
-    bracket = _bracket(rounding, layer.shape)
+    bracket = _bracket(rounding, rounding.bounds, layer.shape)
     found = spectrum(bracket.low or None)
     if _bracket_answers(found, bracket, min(layer.shape)):
         return found, _bounded(rounding, bracket, found, formed.delta.size)
-    floor = _full_floor(layer, formed, rounding, floor_rng)
+    variance = layer_variance(layer, rounding.grids)
+    exact = _bracket(rounding, variance_profile(variance, rounding.roundings), layer.shape)
+    if _bracket_answers(found, exact, min(layer.shape)):
+        return found, _bounded(rounding, exact, found, formed.delta.size)
+    floor = noise_floor(formed.delta, variance, floor_rng, roundings=rounding.roundings)
     return found, _estimated(rounding, floor, found, formed.delta.size)
 
 
-def _bracket(rounding: Rounding, shape: tuple[int, int]) -> _Bracket:
-    """Bracket τ and the noise energy from the profile bounds.
+def _bracket(rounding: Rounding, bounds: ProfileBounds, shape: tuple[int, int]) -> _Bracket:
+    """Bracket τ and the noise energy from a profile (bounds from squares, or exact sums).
 
     Where the storage model may overstate the noise (many unchanged entries,
     or single entries setting the edge), the actual noise can be smaller than
     any bound from the stored values: the bracket's low ends are then 0.
     """
-    low, high = threshold_bounds(rounding.bounds, shape)
-    energy = rounding.bounds.energy
+    low, high = threshold_bounds(bounds, shape)
     unchanged = rounding.unchanged > MODEL_UNCHANGED * shape[0] * shape[1]
-    if unchanged or entry_dominates(rounding.bounds):
-        return _Bracket(0.0, high, 0.0, energy)
-    return _Bracket(low, high, energy / 4.0, energy)
+    if unchanged or entry_dominates(bounds):
+        return _Bracket(0.0, high, 0.0, bounds.energy)
+    return _Bracket(low, high, bounds.least_energy, bounds.energy)
 
 
 def _full_floor(

@@ -28,6 +28,7 @@ from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
 from svdrank.inputs.model import model_config_path, runtime_targets
 from svdrank.inputs.pairing import pair_checkpoints
+from svdrank.spectra.devices import Kernels, kernels_for
 from svdrank.types import (
     Analysis,
     AnalysisSettings,
@@ -59,6 +60,7 @@ def analyze(
     include_conv: bool = False,
     noise: str = "auto",
     workers: int = 1,
+    device: str = "cpu",
     progress: Progress | None = None,
     results_log: str | Path | None = None,
     resume: bool = False,
@@ -98,6 +100,11 @@ def analyze(
         such layer (exact signal ranks; slower). ``off``: raw spectra only.
     workers : int
         Layers decomposed at once (each with its own BLAS calls).
+    device : {"cpu", "cuda", "auto", "torch-cpu"}
+        Where the spectra are computed (see
+        :func:`svdrank.spectra.devices.kernels_for`): ``cpu`` NumPy and SciPy,
+        ``cuda`` torch on a CUDA GPU, ``auto`` cuda when there is one.
+        ΔW is formed on the host and the noise floor computed there.
     progress : callable, optional
         Called after each layer with a :class:`~svdrank.types.ProgressUpdate`:
         first for the layers a resumed run found in its log, then for each layer
@@ -124,9 +131,9 @@ def analyze(
     UsageError
         For an option out of range, an option that does not apply to an
         adapter (its spectra are exact from the r×r core: no engine settings,
-        seed, conv kernels, workers or resuming), ``resume`` without a
-        ``results_log``, or a log of another run (other inputs, settings or
-        svdrank version).
+        seed, conv kernels, workers, device or resuming), ``resume`` without a
+        ``results_log``, a log of another run (other inputs, settings or
+        svdrank version), or a device this machine lacks (no torch, no CUDA).
     CheckpointError, PairingError, NumericalError
         For unreadable inputs, no layers in common, or NaN/Inf in an update.
 
@@ -164,19 +171,20 @@ def analyze(
             raise UsageError(
                 f"{base}: give BASE and TUNED checkpoints, or a PEFT adapter directory alone"
             )
-        _refuse_for_adapters(settings, workers, resume)
+        _refuse_for_adapters(settings, workers, device, resume)
         return analyze_adapter(base, settings)
+    kernels = kernels_for(device)
     if resume and results_log is None:
         raise UsageError("resuming needs the results log to resume from")
     base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
     pairing = pair_checkpoints(
         base_checkpoint, tuned_checkpoint, settings.include, settings.exclude, include_conv
     )
-    model, layers = _place_in_model(pairing.layers, tuned_checkpoint, base_checkpoint)
+    model, layers = place_in_model(pairing.layers, tuned_checkpoint, base_checkpoint)
     header = run_header(base_checkpoint, tuned_checkpoint, settings)
     log = None if results_log is None else Path(results_log)
     with open_results_log(log, header, layers, resume) as opened:
-        results = _run(layers, settings, workers, progress, opened)
+        results = _run(layers, settings, workers, kernels, progress, opened)
     return Analysis(
         inputs={"base": describe_input(base_checkpoint), "tuned": describe_input(tuned_checkpoint)},
         settings=settings,
@@ -187,7 +195,7 @@ def analyze(
     )
 
 
-def _place_in_model(
+def place_in_model(
     layers: tuple[Layer, ...], *checkpoints: Checkpoint
 ) -> tuple[ModelInfo | None, tuple[Layer, ...]]:
     """Give each layer its runtime target when a checkpoint (tuned first) has a ``config.json``."""
@@ -214,7 +222,9 @@ def _warn_unmatched(model: ModelInfo, layers: tuple[Layer, ...]) -> None:
         )
 
 
-def _refuse_for_adapters(settings: AnalysisSettings, workers: int, resume: bool) -> None:
+def _refuse_for_adapters(
+    settings: AnalysisSettings, workers: int, device: str, resume: bool
+) -> None:
     """Raise when an option was given that an adapter analysis cannot honour.
 
     Only the metric and the include/exclude globs apply to an adapter: its
@@ -237,6 +247,7 @@ def _refuse_for_adapters(settings: AnalysisSettings, workers: int, resume: bool)
         if getattr(settings, name) != getattr(default, name)
     ]
     given += ["--workers"] if workers != 1 else []
+    given += ["--device"] if device not in ("cpu", "auto") else []
     given += ["--resume"] if resume else []
     if given:
         raise UsageError(
@@ -249,6 +260,7 @@ def _run(
     layers: Sequence[Layer],
     settings: AnalysisSettings,
     workers: int,
+    kernels: Kernels,
     progress: Progress | None,
     log: ResultsLog,
 ) -> tuple[LayerResult, ...]:
@@ -257,7 +269,7 @@ def _run(
     results = dict(log.known)
     for index in sorted(log.known):
         report(layers[index], log.known[index])
-    for index, result in _analyze_layers(layers, settings, workers, log.known):
+    for index, result in _analyze_layers(layers, settings, workers, kernels, log.known):
         log.append(index, result)
         results[index] = result
         report(layers[index], result)
@@ -267,7 +279,7 @@ def _run(
 _Key = tuple[str, str, tuple[int, int]]
 
 
-def _alike(layer: Layer) -> _Key:
+def alike_key(layer: Layer) -> _Key:
     """Return what makes layers alike for ``auto``'s hint: their stack, kind and shape."""
     return layer.stack, layer.kind, layer.shape
 
@@ -276,6 +288,7 @@ def _analyze_layers(
     layers: Sequence[Layer],
     settings: AnalysisSettings,
     workers: int,
+    kernels: Kernels,
     known: Mapping[int, LayerResult],
 ) -> Iterator[tuple[int, LayerResult]]:
     """Decompose the layers not ``known`` in two waves; yield (index, result) as each finishes.
@@ -296,7 +309,7 @@ def _analyze_layers(
     """
     probes: dict[_Key, int] = {}
     for index, layer in enumerate(layers):
-        probes.setdefault(_alike(layer), index)
+        probes.setdefault(alike_key(layer), index)
     firsts = set(probes.values())
     settled = firsts | set(known)
     order = [index for index in probes.values() if index not in known]
@@ -314,8 +327,10 @@ def _analyze_layers(
             formed = next_read.result()
             while len(running) == workers:
                 yield from _finished(running)
-            probe = None if index in firsts else outcomes[probes[_alike(layers[index])]]
-            task = pool.submit(_analyze_alike, layers[index], formed, index, settings, probe)
+            probe = None if index in firsts else outcomes[probes[alike_key(layers[index])]]
+            task = pool.submit(
+                _analyze_alike, layers[index], formed, index, settings, kernels, probe
+            )
             running[task] = index
             if index in firsts:
                 outcomes[index] = task
@@ -341,13 +356,14 @@ def _analyze_alike(
     formed: FormedDelta,
     index: int,
     settings: AnalysisSettings,
+    kernels: Kernels,
     probe: Future[LayerResult] | LayerResult | None,
 ) -> LayerResult:
     """Decompose one layer, hinted by its probe's outcome (waited for); a probe has none."""
     if isinstance(probe, Future):
         probe = probe.result()
     hint = probe is not None and needed_complete(probe.spectrum)
-    return _analyze_layer(layer, formed, index, settings, hint)
+    return analyze_layer(layer, formed, index, settings, kernels, hint)
 
 
 def needed_complete(spectrum: Spectrum) -> bool:
@@ -355,16 +371,17 @@ def needed_complete(spectrum: Spectrum) -> bool:
     return spectrum.engine == "gram" and spectrum.complete
 
 
-def _analyze_layer(
+def analyze_layer(
     layer: Layer,
     formed: FormedDelta,
     index: int,
     settings: AnalysisSettings,
+    kernels: Kernels,
     expect_slow: bool = False,
 ) -> LayerResult:
     """Decompose one layer's update and set its noise floor (runs in a worker thread)."""
     started = time.perf_counter()
-    spectrum, noise = spectrum_with_noise(layer, formed, settings, index, expect_slow)
+    spectrum, noise = spectrum_with_noise(layer, formed, settings, index, expect_slow, kernels)
     return LayerResult(
         module=layer.module,
         name=layer.name,

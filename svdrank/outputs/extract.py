@@ -6,51 +6,37 @@ the rank rules pick each layer's rank, the layers are placed in the runtime
 model (PEFT's names, module types, tied weights), and the factors are computed
 layer by layer (:mod:`svdrank.analysis.extract`) while the weights file is
 written (:mod:`svdrank.outputs.adapter_writer`), atomically with its config.
+
+When the rule decides each layer alone (everything but budgets, ``--ranks``
+files and ``--uniform-alpha``) and no analysis is given, the pair is read
+once (:mod:`svdrank.outputs.extract_passes`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from svdrank.analysis.extract import (
-    FactorJob,
-    FactorSettings,
-    factor_layers,
-)
+from svdrank.analysis.extract import FactorSettings
 from svdrank.analysis.file import load_analysis
 from svdrank.analysis.pipeline import analyze
-from svdrank.errors import SvdrankWarning, UsageError
+from svdrank.errors import UsageError
 from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
 from svdrank.inputs.model import model_config_path
-from svdrank.inputs.pairing import pair_checkpoints
-from svdrank.outputs.adapter_writer import (
-    adapter_config,
-    task_type_of,
-    write_adapter,
+from svdrank.outputs.extract_passes import (
+    AdapterOutput,
+    extract_in_one_pass,
+    extract_in_two_passes,
+    per_layer_rule,
 )
-from svdrank.outputs.extract_plan import (
-    SHOWN,
-    StorageSettings,
-    adapter_modules,
-    base_model_name,
-    changed_vectors,
-    extraction,
-    placed_modules,
-    ranks_by_module,
-)
+from svdrank.outputs.extract_plan import StorageSettings
 from svdrank.outputs.peft import DEFAULT_ALPHA_RATIO
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import check_target
-from svdrank.types import (
-    Analysis,
-    Extraction,
-    Progress,
-)
+from svdrank.types import Analysis, AnalysisSettings, EngineSettings, Extraction, Progress
 
 DEFAULT_ADAPTER = Path("svdrank-adapter")
 """The adapter directory ``extract`` writes when none is given."""
@@ -117,13 +103,17 @@ def extract(
     dtype : {"bf16", "fp16", "fp32"}, optional
         Storage dtype; default: the tuned checkpoint's (fp32 for F32, F64, F8).
     analysis : str, Path or Analysis, optional
-        An analysis of the same pair (checked by its header digests), to skip the analysis pass.
+        An analysis of the same pair (checked by its header digests), to skip
+        the analysis. Without it, a rule that decides each layer alone reads
+        the pair once (each ΔW analysed, ranked and factored in turn); budgets,
+        ``ranks`` and ``uniform_alpha`` analyse the whole pair first, then read
+        it again for the factors.
     include, exclude : sequence of str
         Glob patterns on module names, as in :func:`svdrank.analyze`.
     seed, oversample, power_iters
         Settings of the randomized SVD.
     progress : callable, optional
-        Told after each layer, in the analysis pass and in the extraction pass.
+        Told after each layer of each pass over the pair (one or two, see ``analysis``).
 
     Returns
     -------
@@ -166,50 +156,24 @@ def extract(
         from svdrank.outputs.resize import resize_adapter
 
         return resize_adapter(base, Path(output), storage, rule_options, include, exclude)
-    base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
-    loaded = _analysis(
-        analysis,
-        (base_checkpoint, tuned_checkpoint),
-        AnalysisOptions(include, exclude, seed, _max_energy(preset, energy)),
-        progress,
+    checkpoints = (open_checkpoint(base), open_checkpoint(tuned))
+    options = AnalysisOptions(include, exclude, seed, _max_energy(preset, energy))
+    factoring = FactorSettings(oversample=oversample, power_iters=power_iters, seed=seed)
+    write = AdapterOutput(Path(output), base, model_config_path(tuned) or model_config_path(base))
+    if analysis is None and per_layer_rule(rule_options, storage):
+        settings = AnalysisSettings(
+            engine=EngineSettings(max_energy=options.max_energy),
+            seed=seed,
+            include=tuple(include),
+            exclude=tuple(exclude),
+        )
+        return extract_in_one_pass(
+            checkpoints, settings, rule_options, storage, factoring, write, progress
+        )
+    loaded = _analysis(analysis, checkpoints, options, progress)
+    return extract_in_two_passes(
+        checkpoints, loaded, rule_options, storage, factoring, write, progress
     )
-    chosen, rule = ranks_by_module(loaded, **rule_options)
-    pairing = pair_checkpoints(
-        base_checkpoint,
-        tuned_checkpoint,
-        loaded.settings.include,
-        loaded.settings.exclude,
-        loaded.settings.include_conv,
-    )
-    config_path = model_config_path(tuned) or model_config_path(base)
-    placed, left_out = placed_modules(loaded, chosen, config_path)
-    _warn_changed(changed_vectors(base_checkpoint, tuned_checkpoint, pairing))
-    layers = {layer.module: layer for layer in pairing.layers}
-    settings = FactorSettings(
-        dtype=storage.safetensors_dtype(
-            [layers[item.result.module].tuned.dtype for item in placed]
-        ),
-        oversample=oversample,
-        power_iters=power_iters,
-        seed=seed,
-    )
-    modules = adapter_modules(placed, storage)
-    jobs = [
-        FactorJob(layers[item.result.module], item.result, item.rank, module.scale)
-        for item, module in zip(placed, modules, strict=True)
-    ]
-    config = adapter_config(
-        modules,
-        storage.alpha_ratio,
-        storage.uniform_alpha,
-        base_model_name(base, model_config_path(base)),
-        task_type_of(loaded.model.architecture) if loaded.model else None,
-    )
-    output = Path(output)
-    qualities = write_adapter(
-        output, config, modules, factor_layers(jobs, settings, progress), settings.dtype
-    )
-    return extraction(output, config, placed, modules, qualities, left_out, rule, settings.dtype)
 
 
 @dataclass(frozen=True)
@@ -274,15 +238,3 @@ def _max_energy(preset: str | None, energy: float | None) -> float:
         check_target(energy)
         return max(energy, DEFAULT_MAX_ENERGY)
     return max(PRESETS.get(preset or "", 0.0), DEFAULT_MAX_ENERGY)
-
-
-def _warn_changed(names: Sequence[str]) -> None:
-    """Warn that biases and norms changed: a LoRA adapter cannot carry their updates."""
-    if names:
-        shown = ", ".join(names[:SHOWN]) + (", …" if len(names) > SHOWN else "")
-        warnings.warn(
-            f"{len(names)} bias, norm or other non-matrix tensors changed ({shown}); a LoRA "
-            "adapter carries no update of them, so they are not in the adapter",
-            SvdrankWarning,
-            stacklevel=3,
-        )

@@ -18,9 +18,7 @@ EXPERT_COLUMNS = ("min", "median", "max")
 """An expert kind's heat-map columns: the spread of its experts' ranks in each block."""
 
 
-def rank_grid(
-    rank_plan: RankPlan, stack: str = ""
-) -> tuple[list[int], list[str], np.ndarray]:
+def rank_grid(rank_plan: RankPlan, stack: str = "") -> tuple[list[int], list[str], np.ndarray]:
     """Lay out one stack's ranks as blocks × columns (NaN where a column is absent).
 
     A kind has one column; a kind whose layers are experts has three, the

@@ -4,25 +4,21 @@
 from a few values and grow k (the randomized sketch keeps its basis and only
 adds columns) until Σσᵢ² reaches ``max_energy`` of ‖ΔW‖_F², or hand over to a
 complete engine once that is cheaper; each Spectrum records what was used.
+The heavy steps go through a :class:`~svdrank.spectra.devices.Kernels` object
+(NumPy on the host by default, torch on a GPU), so these decisions are one
+code on every device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from svdrank.spectra.kernels import (
-    check_finite,
-    exact_values,
-    extend_range,
-    gram_spectrum,
-    gram_values,
-    lanczos_values,
-    projected_values,
-    smaller_gram,
-)
+from svdrank.spectra.devices import HOST, Kernels
+from svdrank.spectra.kernels import check_finite
 from svdrank.types import EngineSettings, Spectrum
 
 EXACT_BELOW = 128
@@ -44,6 +40,7 @@ def decompose(
     total: float | None = None,
     expect_slow: bool = False,
     threshold: float | None = None,
+    kernels: Kernels = HOST,
 ) -> Spectrum:
     """Compute the spectrum of one layer's update by the engine the settings ask for.
 
@@ -76,6 +73,9 @@ def decompose(
         τ of the layer's storage noise: truncated engines also stop once the
         last value computed is at or below it (every signal value is then
         known; the rest is noise), which is often long before ``max_energy``.
+    kernels : Kernels
+        Where the heavy steps run (:func:`svdrank.spectra.devices.kernels_for`);
+        ΔW is placed there once. Every decision here is the same on every device.
 
     Returns
     -------
@@ -91,16 +91,27 @@ def decompose(
         return Spectrum(np.zeros(0), 0.0, complete=True, engine="zero")
     engine = settings.engine
     small = min(delta.shape) <= EXACT_BELOW
+    run = _Run(kernels, kernels.place(delta), settings, rng)
     if settings.complete or engine == "exact" or (engine == "auto" and small):
-        return Spectrum(_as_float64(exact_values(delta)), total, True, "exact")
+        return Spectrum(_as_float64(kernels.exact_values(run.delta)), total, True, "exact")
     if engine == "gram":
-        return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
+        return Spectrum(_gram_values(run), total, True, "gram")
     stop = _Stop(total, settings.max_energy, threshold)
     if engine == "lanczos":
-        return _adaptive_lanczos(delta, stop, settings, rng)
+        return _adaptive_lanczos(run, stop)
     if engine == "auto" and expect_slow:
-        return _gram_first(delta, stop, settings, rng)
-    return _adaptive_randomized(delta, stop, settings, rng)
+        return _gram_first(run, stop)
+    return _adaptive_randomized(run, stop)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One layer's decomposition: the kernels, ΔW placed on their device, settings, stream."""
+
+    kernels: Kernels
+    delta: Any
+    settings: EngineSettings
+    rng: np.random.Generator
 
 
 @dataclass(frozen=True)
@@ -130,11 +141,16 @@ def _as_float64(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _complete_spectrum(delta: np.ndarray, total: float) -> Spectrum:
+def _gram_values(run: _Run) -> np.ndarray:
+    """Every singular value from the eigenvalues of the smaller Gram matrix, as float64."""
+    return _as_float64(run.kernels.gram_spectrum(run.kernels.smaller_gram(run.delta)))
+
+
+def _complete_spectrum(run: _Run, total: float) -> Spectrum:
     """Compute the whole spectrum by the cheaper complete engine: exact when small, else Gram."""
-    if min(delta.shape) <= EXACT_BELOW:
-        return Spectrum(_as_float64(exact_values(delta)), total, True, "exact")
-    return Spectrum(_as_float64(gram_values(delta)), total, True, "gram")
+    if min(run.delta.shape) <= EXACT_BELOW:
+        return Spectrum(_as_float64(run.kernels.exact_values(run.delta)), total, True, "exact")
+    return Spectrum(_gram_values(run), total, True, "gram")
 
 
 def truncation_limit(shape: tuple[int, int]) -> int:
@@ -147,20 +163,17 @@ def reaches(values: np.ndarray, total: float, energy: float) -> bool:
     return float(np.sum(np.square(values, dtype=np.float64))) >= energy * total
 
 
-def _adaptive_randomized(
-    delta: np.ndarray, stop: _Stop, settings: EngineSettings, rng: np.random.Generator
-) -> Spectrum:
+def _adaptive_randomized(run: _Run, stop: _Stop) -> Spectrum:
     """Randomized values of ΔW, growing the sketch until ``stop`` is reached, else Gram."""
+    delta = run.delta
     oriented = delta if delta.shape[0] >= delta.shape[1] else delta.T
-    values = _grow_sketch(oriented, stop, settings, rng, truncation_limit(delta.shape))
+    values = _grow_sketch(run, oriented, stop, truncation_limit(delta.shape))
     if values is not None:
         return Spectrum(values, stop.total, False, "randomized")
-    return _complete_spectrum(delta, stop.total)
+    return _complete_spectrum(run, stop.total)
 
 
-def _gram_first(
-    delta: np.ndarray, stop: _Stop, settings: EngineSettings, rng: np.random.Generator
-) -> Spectrum:
+def _gram_first(run: _Run, stop: _Stop) -> Spectrum:
     """Run ``auto`` on a layer expected to decay slowly: form the Gram matrix G, then decide.
 
     The sketch runs on G (n×n) instead of ΔW (m×n): each product costs 2n²w
@@ -173,20 +186,15 @@ def _gram_first(
     the randomized engine (interlacing), up to rounding of order ε·σ₁².
     Only G's lower triangle is set (SYRK); the products read it with SYMM.
     """
-    gram = smaller_gram(delta)
-    eigenvalues = _grow_sketch(gram, stop, settings, rng, truncation_limit(delta.shape), gram=True)
+    gram = run.kernels.smaller_gram(run.delta)
+    eigenvalues = _grow_sketch(run, gram, stop, truncation_limit(run.delta.shape), gram=True)
     if eigenvalues is not None:
         return Spectrum(np.sqrt(eigenvalues), stop.total, False, "gram")
-    return Spectrum(_as_float64(gram_spectrum(gram)), stop.total, True, "gram")
+    return Spectrum(_as_float64(run.kernels.gram_spectrum(gram)), stop.total, True, "gram")
 
 
 def _grow_sketch(
-    matrix: np.ndarray,
-    stop: _Stop,
-    settings: EngineSettings,
-    rng: np.random.Generator,
-    limit: int,
-    gram: bool = False,
+    run: _Run, matrix: Any, stop: _Stop, limit: int, gram: bool = False
 ) -> np.ndarray | None:
     """Top values from a sketch of ``matrix`` that grows until ``stop`` is reached.
 
@@ -196,17 +204,25 @@ def _grow_sketch(
     from :func:`next_k`. Returns the values (σ² for ``gram``) as float64, or
     None once the sketch would exceed ``limit`` columns.
     """
-    basis = np.empty((matrix.shape[0], 0), dtype=matrix.dtype)
+    kernels, settings = run.kernels, run.settings
+    basis = kernels.empty_basis(matrix)
     # One product with G is a pass of ΔWᵀΔW, two of ΔW: half the iterations see as far.
     power_iters = math.ceil(settings.power_iters / 2) if gram else settings.power_iters
     k, sketched = FIRST_K, 0
     while k + settings.oversample <= limit:
         width = k + settings.oversample - sketched
         sketched += width
-        basis = extend_range(
-            matrix, basis, width, power_iters, settings.normalizer, rng, symmetric=gram
+        basis = kernels.extend_range(
+            matrix,
+            basis,
+            width,
+            power_iters,
+            settings.normalizer,
+            run.rng,
+            krylov=settings.krylov and not gram,
+            symmetric=gram,
         )
-        values = _as_float64(projected_values(matrix, basis, symmetric=gram)[:k])
+        values = _as_float64(kernels.projected_values(matrix, basis, symmetric=gram)[:k])
         sigma = np.sqrt(values) if gram else values
         if stop.reached(sigma):
             return values
@@ -214,21 +230,20 @@ def _grow_sketch(
     return None
 
 
-def _adaptive_lanczos(
-    delta: np.ndarray, stop: _Stop, settings: EngineSettings, rng: np.random.Generator
-) -> Spectrum:
+def _adaptive_lanczos(run: _Run, stop: _Stop) -> Spectrum:
     """Lanczos values, restarting with a larger k until ``stop`` is reached.
 
     ARPACK and PROPACK keep no state between calls, so each larger k starts over.
     """
-    limit = truncation_limit(delta.shape)
+    shape = run.delta.shape
     k = FIRST_K
-    while k <= limit:
-        values = _as_float64(lanczos_values(delta, k, settings.lanczos_solver, rng))
+    while k <= truncation_limit(shape):
+        solver = run.settings.lanczos_solver
+        values = _as_float64(run.kernels.lanczos_values(run.delta, k, solver, run.rng))
         if stop.reached(values):
             return Spectrum(values, stop.total, False, "lanczos")
-        k = next_k(values, stop.total, stop.energy, min(delta.shape), stop.threshold)
-    return _complete_spectrum(delta, stop.total)
+        k = next_k(values, stop.total, stop.energy, min(shape), stop.threshold)
+    return _complete_spectrum(run, stop.total)
 
 
 def next_k(

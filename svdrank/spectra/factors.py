@@ -151,8 +151,9 @@ def gram_svd(delta: np.ndarray, rank: int) -> TruncatedSvd:
     tall = delta.shape[0] >= delta.shape[1]
     projected = times(delta, vectors, transpose=not tall)
     values = np.sqrt(np.sum(np.square(projected, dtype=np.float64), axis=0))
-    safe = np.where(values > 0, values, 1.0).astype(delta.dtype)
-    other = projected / safe
+    other = np.divide(
+        projected, np.where(values > 0, values, 1.0).astype(delta.dtype), out=projected
+    )
     if tall:
         return TruncatedSvd(other, values, np.ascontiguousarray(vectors.T), "gram")
     return TruncatedSvd(vectors, values, np.ascontiguousarray(other.T), "gram")

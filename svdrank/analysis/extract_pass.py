@@ -1,0 +1,150 @@
+"""Extraction in one pass: each layer's ΔW is formed once, analysed, ranked and factored.
+
+For rank rules that decide each layer on its own (presets, energy targets,
+σ ratios, thresholds, one rank), nothing has to wait for the whole analysis:
+the layer is decomposed exactly as :func:`svdrank.analyze` decomposes it
+(same engine, seed ``[seed, i]``, noise floor, and the hint of its group's
+probe, which comes earlier in layer order), its rank is read from that result,
+and its factors are computed from the ΔW still in memory. The next layer is
+formed while one is worked on, so at most two layers' updates are in memory,
+``diff``'s bound. The factors are spooled to a temporary file (the weights
+file's header needs every rank first) and handed back in the order asked for.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import BinaryIO
+
+import numpy as np
+
+from svdrank.analysis.delta import form_delta, layer_bytes
+from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_update
+from svdrank.analysis.pipeline import alike_key, analyze_layer, needed_complete
+from svdrank.inputs.checkpoint import DTYPES
+from svdrank.spectra.devices import kernels_for
+from svdrank.types import AnalysisSettings, Layer, LayerResult, Progress, ProgressUpdate
+
+
+@dataclass(frozen=True)
+class _Spooled:
+    """Where a layer's stored factors lie in the spool file, with their shapes and quality."""
+
+    offset: int
+    b_shape: tuple[int, int]
+    a_shape: tuple[int, int]
+    factored: Factored
+
+
+class FactorSpool:
+    """Factors written to an anonymous temporary file as they are computed, read back by module.
+
+    Holds one layer's factors in memory at a time, whatever the adapter's size.
+    Use as a context manager; the file disappears when it closes.
+    """
+
+    def __init__(self, dtype: str) -> None:
+        self._dtype = np.dtype(DTYPES[dtype])
+        self._file: BinaryIO = tempfile.TemporaryFile(prefix="svdrank-factors-")
+        self._stored: dict[str, _Spooled] = {}
+
+    def __enter__(self) -> FactorSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def add(self, module: str, factored: Factored) -> None:
+        """Append a module's factors (their arrays leave memory; the quality stays)."""
+        offset = self._file.seek(0, 2)
+        for factor in (factored.b, factored.a):
+            self._file.write(np.ascontiguousarray(factor).tobytes())
+        empty = np.empty((0, 0), self._dtype)
+        self._stored[module] = _Spooled(
+            offset, factored.b.shape, factored.a.shape, replace(factored, b=empty, a=empty)
+        )
+
+    def read(self, module: str) -> Factored:
+        """Return a module's factors as they were added."""
+        spooled = self._stored[module]
+        self._file.seek(spooled.offset)
+        b, a = (self._read_array(shape) for shape in (spooled.b_shape, spooled.a_shape))
+        return replace(spooled.factored, b=b, a=a)
+
+    def _read_array(self, shape: tuple[int, int]) -> np.ndarray:
+        """Read one array of ``shape`` at the file's position."""
+        count = shape[0] * shape[1]
+        data = self._file.read(count * self._dtype.itemsize)
+        return np.frombuffer(data, dtype=self._dtype).reshape(shape)
+
+
+def analyze_and_factor(
+    layers: Sequence[Layer],
+    settings: AnalysisSettings,
+    rank_of: Callable[[LayerResult], int],
+    scale_of: Callable[[int], float],
+    factor_settings: FactorSettings,
+    progress: Progress | None = None,
+) -> Iterator[tuple[LayerResult, int, Factored | None]]:
+    """Analyse every layer as ``analyze`` does and factor it at the rank its result gets.
+
+    Parameters
+    ----------
+    layers : sequence of Layer
+        In the analysis's order (placed in the model as ``analyze`` places them).
+    settings : AnalysisSettings
+        The analysis's settings; its seed seeds layer i's spectrum and factors with ``[seed, i]``.
+    rank_of : callable
+        A layer's rank from its LayerResult (the rank rule, applied to that layer alone).
+    scale_of : callable
+        The LoRA scale s of a module of rank r.
+    factor_settings : FactorSettings
+    progress : callable, optional
+        Told after each layer (bytes are those read from both checkpoints).
+
+    Yields
+    ------
+    tuple of (LayerResult, int, Factored or None)
+        Per layer, in order: ``analyze``'s result (its ``seconds`` aside), the
+        rank, and the stored factors (None at rank 0).
+
+    Raises
+    ------
+    NumericalError
+        If ΔW holds NaN or Inf, or a factor overflows the storage dtype.
+    """
+    if not layers:
+        return
+    kernels = kernels_for("cpu")
+    noisy = settings.noise != "off"
+    probes: dict[tuple[str, str, tuple[int, int]], int] = {}
+    results: list[LayerResult] = []
+    total_bytes = sum(layer_bytes(layer) for layer in layers)
+    done_bytes = 0
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
+    try:
+        next_read = reader.submit(form_delta, layers[0], noisy)
+        for index, layer in enumerate(layers):
+            formed = next_read.result()
+            if index + 1 < len(layers):
+                next_read = reader.submit(form_delta, layers[index + 1], noisy)
+            probe = probes.setdefault(alike_key(layer), index)
+            hint = probe != index and needed_complete(results[probe].spectrum)
+            result = analyze_layer(layer, formed, index, settings, kernels, hint)
+            results.append(result)
+            rank = rank_of(result)
+            factored = None
+            if rank > 0:
+                job = FactorJob(layer, result, rank, scale_of(rank), index)
+                rng = np.random.default_rng([factor_settings.seed, index])
+                factored = factor_update(formed, job, factor_settings, rng)
+            del formed
+            yield result, rank, factored
+            done_bytes += layer_bytes(layer)
+            if progress is not None:
+                progress(ProgressUpdate(result, index + 1, len(layers), done_bytes, total_bytes))
+    finally:
+        reader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,104 @@
+"""Extraction reads the pair once for per-layer rules, with the two-pass output and analysis.
+
+The reference is the two-pass path (the whole analysis by ``analyze``, then
+each ΔW formed again for its factors), which budgets still take.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+import svdrank.analysis.delta as delta_module
+import svdrank.analysis.extract as factor_module
+import svdrank.analysis.extract_pass as one_pass_module
+import svdrank.analysis.pipeline as pipeline
+import svdrank.outputs.extract as extract_module
+from svdrank import analyze, extract
+from svdrank.analysis.extract import FactorSettings
+from svdrank.analysis.file import layer_record
+from svdrank.analysis.pipeline import place_in_model
+from svdrank.inputs.checkpoint import open_checkpoint
+from svdrank.inputs.pairing import pair_checkpoints
+from svdrank.types import AnalysisSettings, EngineSettings
+from tests.conftest import write_decaying_pair
+
+RULES = [
+    {"preset": "balanced"},
+    {"energy": 0.9, "max_rank": 40},
+    {"sv_ratio": 8.0},
+    {"rank": 5},
+    {"preset": "conservative", "alpha_ratio": 0.3, "dtype": "fp16"},
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A BF16 pair: q and v layers decay too slowly for a sketch, k layers truncate."""
+    return write_decaying_pair(tmp_path_factory.mktemp("pair"), blocks=3)
+
+
+def _extract(pair: tuple[Path, Path], output: Path, **options: object) -> dict:
+    """Extract quietly; return the config and the weights file's bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extract(*pair, output, **options)  # type: ignore[arg-type]
+    config = json.loads((output / "adapter_config.json").read_text())
+    return {"config": config, "weights": (output / "adapter_model.safetensors").read_bytes()}
+
+
+@pytest.mark.parametrize("options", RULES, ids=lambda options: "-".join(map(str, options)))
+def test_one_pass_writes_the_two_pass_adapter(pair, tmp_path, monkeypatch, options):
+    one = _extract(pair, tmp_path / "one", **options)
+    monkeypatch.setattr(extract_module, "per_layer_rule", lambda *args: False)
+    two = _extract(pair, tmp_path / "two", **options)
+    assert one["config"] == two["config"]
+    assert one["weights"] == two["weights"]
+
+
+def test_one_pass_forms_each_update_once(pair, tmp_path, monkeypatch):
+    formed: list[str] = []
+    real = delta_module.form_delta
+
+    def counting(layer, *args):
+        formed.append(layer.name)
+        return real(layer, *args)
+
+    for module in (one_pass_module, factor_module, pipeline):
+        monkeypatch.setattr(module, "form_delta", counting)
+    _extract(pair, tmp_path / "one", preset="balanced")
+    assert len(formed) == 9
+    assert sorted(formed) == sorted(set(formed))
+
+
+def test_budget_reads_the_pair_twice(pair, tmp_path, monkeypatch):
+    formed: list[str] = []
+    real = delta_module.form_delta
+    monkeypatch.setattr(
+        pipeline, "form_delta", lambda layer, *args: formed.append(layer.name) or real(layer, *args)
+    )
+    _extract(pair, tmp_path / "budget", budget_ratio=0.2)
+    assert len(formed) == 9
+
+
+def test_one_pass_analysis_is_the_analysis_of_analyze(pair):
+    reference = analyze(*pair, max_energy=0.95, seed=3)
+    settings = AnalysisSettings(engine=EngineSettings(max_energy=0.95), seed=3)
+    base, tuned = open_checkpoint(pair[0]), open_checkpoint(pair[1])
+    _, layers = place_in_model(pair_checkpoints(base, tuned).layers, tuned, base)
+    passes = one_pass_module.analyze_and_factor(
+        layers, settings, lambda result: 2, lambda rank: 2.0, FactorSettings(seed=3)
+    )
+    found = [result for result, _, _ in passes]
+    assert settings == reference.settings
+
+    def records(results):
+        return [
+            {key: value for key, value in layer_record(result).items() if key != "seconds"}
+            for result in results
+        ]
+
+    assert records(found) == records(reference.layers)
