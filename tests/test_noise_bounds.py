@@ -26,7 +26,7 @@ from svdrank.spectra.noise import (
     variance_profile,
 )
 from svdrank.spectra.signal import clean_noise_energy, clean_rank, clean_spectrum, signal_rank
-from tests.conftest import write_checkpoint
+from tests.conftest import assert_one_line_error, write_checkpoint
 
 PROFILES = ("iid", "rows", "columns", "outliers", "student", "super")
 SHAPES = ((192, 192), (96, 384), (384, 96))
@@ -199,3 +199,15 @@ def test_the_sample_checkpoints_planted_ranks_are_their_signal_ranks():
         kind = item.layer.kind.removeprefix("attention.self.")
         if f"attention.self.{kind}" in planted:
             assert item.rank == item.raw_rank == planted[f"attention.self.{kind}"]
+
+
+def test_the_signal_preset_is_refused_in_one_line_for_layers_without_a_floor(run_cli, tmp_path):
+    """F32 inputs have no storage noise floor, so no signal rank: exit 2, the layer named."""
+    analysis = tmp_path / "f32.json"
+    encoder = (
+        "sample_checkpoints/encoder-base.safetensors",
+        "sample_checkpoints/encoder-tuned.safetensors",
+    )
+    assert run_cli("diff", *encoder, "-o", analysis, "--quiet").exit_code == 0
+    result = run_cli("recommend", analysis, "--preset", "signal", "--format", "json")
+    assert_one_line_error(result, "no storage noise floor", "energy preset")

@@ -129,8 +129,8 @@ def clean_spectrum(layer: LayerResult) -> Spectrum:
     -------
     Spectrum
 
-    Examples
-    --------
+    Notes
+    -----
     With σ = (5, 4, 0.5), ‖ΔW‖² = 41.5, τ = 1 and a modelled noise energy of
     0.4 on q = 4 directions: r_s = 2, N̂ = 0.4, so the clean values are
     √(25 − 0.1) and √(16 − 0.1) out of a clean total of 41.1.
