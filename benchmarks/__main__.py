@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import eigensolvers, engines, extraction, noise, pipeline, plots
+from benchmarks import (
+    cluster,
+    eigensolvers,
+    engines,
+    extraction,
+    gpu,
+    noise,
+    pipeline,
+    plots,
+    scaling,
+)
 
 SUITES = {
     "engines": engines.main,
@@ -13,6 +23,9 @@ SUITES = {
     "plots": plots.main,
     "extraction": extraction.main,
     "noise": noise.main,
+    "cluster": cluster.main,
+    "scaling": scaling.main,
+    "gpu": gpu.main,
 }
 
 

@@ -3,11 +3,13 @@
 The pairs are the pipeline benchmark's (BF16, Llama shapes, three decay
 regimes). Extraction at the balanced preset reads the pair once: each layer is
 analysed as ``diff`` analyses it, then its top-r singular vectors are computed
-from the same ΔW; the target is at most 1.5x ``diff``'s time, with a peak RSS
-within ``diff``'s bound (3x the largest layer in float32 + 200 MB). Both
-commands run as separate processes, interleaved, page cache warm; medians of
-REPEATS runs. The one-minute load average before and after each pair is kept:
-on a shared machine a ratio measured under load is only indicative.
+from the same ΔW and the engine's own work on it (the Gram matrix's
+tridiagonal reduction, or the sketch's basis); the target is at most 1.5x
+``diff``'s time, with a peak RSS within ``diff``'s bound (3x the largest
+layer in float32 + 200 MB). Both commands run as separate processes,
+interleaved, page cache warm; medians of REPEATS runs. The one-minute load
+average before and after each pair is kept: on a shared machine a ratio
+measured under load is only indicative.
 """
 
 from __future__ import annotations

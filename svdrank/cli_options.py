@@ -165,6 +165,17 @@ DiffDevice = Annotated[
         "cpu; torch-cpu: the cuda code on the CPU (for testing). Same ranks on every device.",
     ),
 ]
+DiffCluster = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute the layers on a Dask cluster (pip install 'svdrank[cluster]'): a "
+        "scheduler's address (tcp://host:8786), whose workers read the checkpoints at the same "
+        "paths; or local:N, N worker processes on this machine started for the run. One layer "
+        "per worker thread; --workers does not apply. Same analysis as a local run.",
+        metavar="ADDRESS",
+        show_default=False,
+    ),
+]
 DiffOutput = Annotated[
     Path, typer.Option("--output", "-o", help="Where to write the analysis file.")
 ]

@@ -18,7 +18,7 @@ import svdrank.analysis.extract_pass as one_pass_module
 import svdrank.analysis.pipeline as pipeline
 import svdrank.outputs.extract as extract_module
 from svdrank import analyze, extract
-from svdrank.analysis.extract import FactorSettings
+from svdrank.analysis.extract import NEAR_OPTIMAL, FactorSettings
 from svdrank.analysis.file import layer_record
 from svdrank.analysis.pipeline import place_in_model
 from svdrank.inputs.checkpoint import open_checkpoint
@@ -42,21 +42,30 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _extract(pair: tuple[Path, Path], output: Path, **options: object) -> dict:
-    """Extract quietly; return the config and the weights file's bytes."""
+    """Extract quietly; return the config, the weights file's bytes and the layers' quality."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        extract(*pair, output, **options)  # type: ignore[arg-type]
+        extraction = extract(*pair, output, **options)  # type: ignore[arg-type]
     config = json.loads((output / "adapter_config.json").read_text())
-    return {"config": config, "weights": (output / "adapter_model.safetensors").read_bytes()}
+    weights = (output / "adapter_model.safetensors").read_bytes()
+    return {"config": config, "weights": weights, "layers": extraction.layers}
 
 
 @pytest.mark.parametrize("options", RULES, ids=lambda options: "-".join(map(str, options)))
 def test_one_pass_writes_the_two_pass_adapter(pair, tmp_path, monkeypatch, options):
+    # The one pass takes the vectors from the engine's own work (its Gram reduction or sketch),
+    # the two passes compute them afresh: the same ranks and scales, errors equally near optimal.
     one = _extract(pair, tmp_path / "one", **options)
     monkeypatch.setattr(extract_module, "per_layer_rule", lambda *args: False)
     two = _extract(pair, tmp_path / "two", **options)
     assert one["config"] == two["config"]
-    assert one["weights"] == two["weights"]
+    assert len(one["weights"]) == len(two["weights"])
+    assert [layer.module for layer in one["layers"]] == [layer.module for layer in two["layers"]]
+    for first, second in zip(one["layers"], two["layers"], strict=True):
+        assert (first.rank, first.alpha, first.energy > 0) == (second.rank, second.alpha, True)
+        assert first.optimal == pytest.approx(second.optimal, rel=1e-3)
+        assert first.error <= NEAR_OPTIMAL * first.optimal + 1e-3
+        assert first.error == pytest.approx(second.error, rel=0.01)
 
 
 def test_one_pass_forms_each_update_once(pair, tmp_path, monkeypatch):

@@ -21,13 +21,17 @@ from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
 from svdrank.errors import NumericalError, UsageError
 from svdrank.inputs.checkpoint import DTYPES
 from svdrank.spectra.factors import (
+    RESIDUAL_CHUNK_BYTES,
     TruncatedSvd,
     exact_svd,
+    gram_svd,
     lora_factors,
     relative_error,
     residual_energy,
+    sketch_svd,
     truncated_svd,
 )
+from svdrank.spectra.recording import Workings
 from svdrank.types import (
     ADAPTER_DTYPES,
     NORMALIZERS,
@@ -178,29 +182,73 @@ def factor_layers(
 
 
 def factor_update(
-    formed: FormedDelta, job: FactorJob, settings: FactorSettings, rng: np.random.Generator
+    formed: FormedDelta,
+    job: FactorJob,
+    settings: FactorSettings,
+    rng: np.random.Generator,
+    workings: Workings | None = None,
 ) -> Factored:
     """Split one formed update into stored factors and measure their error.
 
-    A sketched SVD whose error before the cast exceeds the best known
-    (√(1 − E(r)) from the larger of its own and the analysis's values) by more
-    than 1 % is recomputed exactly, so the error reported is within 1 % of the
-    optimum whenever the analysis's spectrum was exact.
+    The top triplets come from what the analysis's engine computed for this
+    ΔW when ``workings`` hold it (see :func:`reused_svd`), else from
+    :func:`~svdrank.spectra.factors.truncated_svd`. A sketched or Gram SVD
+    whose error before the cast exceeds the best known (√(1 − E(r)) from the
+    larger of its own and the analysis's values) by more than 1 % is
+    recomputed exactly, so the error reported is within 1 % of the optimum
+    whenever the analysis's spectrum was exact.
     """
     delta, total = formed.delta, formed.total_energy
-    svd = truncated_svd(
-        delta,
-        job.rank,
-        oversample=settings.oversample,
-        power_iters=settings.power_iters,
-        normalizer=settings.normalizer,
-        rng=rng,
-    )
+    svd = None if workings is None else reused_svd(delta, job, workings, settings.oversample)
+    if svd is None:
+        svd = truncated_svd(
+            delta,
+            job.rank,
+            oversample=settings.oversample,
+            power_iters=settings.power_iters,
+            normalizer=settings.normalizer,
+            rng=rng,
+        )
     optimal = _optimal_energy(svd, job, total)
     if svd.method in ("randomized", "gram") and _excess(total, svd.kept_energy, optimal):
         svd = exact_svd(delta, job.rank)
         optimal = _optimal_energy(svd, job, total)
     return store(svd, delta, total, optimal, job.scale, settings.dtype, job.layer.name)
+
+
+def reused_svd(
+    delta: np.ndarray, job: FactorJob, workings: Workings, oversample: int
+) -> TruncatedSvd | None:
+    """Return the top triplets from the engine's own work on ΔW, or None where it kept none.
+
+    A complete Gram spectrum left its tridiagonal reduction: the top r
+    eigenvectors come from it without a second SYRK or reduction. A truncated
+    spectrum left its range finder's basis: when it is at least r + oversample
+    wide, the small SVD of ΔW's projection on it gives the triplets, without
+    a second sketch.
+
+    Parameters
+    ----------
+    delta : ndarray, shape (m, n)
+        The ΔW the engine decomposed.
+    job : FactorJob
+        Its analysis (the spectrum says which work is the right one) and rank.
+    workings : Workings
+        What the engine kept (:class:`~svdrank.spectra.recording.RecordingKernels`).
+    oversample : int
+        The columns beyond r a kept basis must have.
+
+    Returns
+    -------
+    TruncatedSvd or None
+    """
+    spectrum = job.result.spectrum
+    if spectrum.complete and spectrum.engine == "gram" and workings.reduction is not None:
+        return gram_svd(delta, job.rank, workings.reduction)
+    sketch = workings.sketch
+    if not spectrum.complete and sketch is not None and sketch.width >= job.rank + oversample:
+        return sketch_svd(delta, sketch, job.rank)
+    return None
 
 
 def _optimal_energy(svd: TruncatedSvd, job: FactorJob, total: float) -> float:
@@ -261,7 +309,7 @@ def _cast(factor: np.ndarray, dtype: str, name: str) -> np.ndarray:
     """Round a factor to the storage dtype (to nearest), refusing an overflow."""
     with np.errstate(over="ignore"):
         stored = factor.astype(DTYPES[dtype])
-    if not np.all(np.isfinite(stored.astype(np.float32))):
+    if not np.all(np.isfinite(stored)):
         raise NumericalError(
             f"layer {name}: a LoRA factor overflows {dtype}; use --dtype fp32 or bf16"
         )
@@ -269,7 +317,11 @@ def _cast(factor: np.ndarray, dtype: str, name: str) -> np.ndarray:
 
 
 def _underflows(factor: np.ndarray, dtype: str) -> int:
-    """Count non-zero entries below the smallest normal number of ``dtype``."""
+    """Count non-zero entries below the smallest normal number of ``dtype`` (a block at a time)."""
     tiny = float(np.finfo(DTYPES[dtype]).tiny) if dtype != "BF16" else 2.0**-126
-    magnitude = np.abs(factor)
-    return int(np.count_nonzero((magnitude > 0) & (magnitude < tiny)))
+    rows = max(1, RESIDUAL_CHUNK_BYTES // max(factor.shape[1] * factor.itemsize, 1))
+    count = 0
+    for start in range(0, factor.shape[0], rows):
+        magnitude = np.abs(factor[start : start + rows])
+        count += int(np.count_nonzero((magnitude > 0) & (magnitude < tiny)))
+    return count

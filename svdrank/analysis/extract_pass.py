@@ -5,7 +5,9 @@ For rank rules that decide each layer on its own (presets, energy targets,
 the layer is decomposed exactly as :func:`svdrank.analyze` decomposes it
 (same engine, seed ``[seed, i]``, noise floor, and the hint of its group's
 probe, which comes earlier in layer order), its rank is read from that result,
-and its factors are computed from the ΔW still in memory. The next layer is
+and its factors are computed from the ΔW still in memory and from what the
+engine computed on it (the Gram matrix's tridiagonal reduction, or the
+sketch's basis; see :mod:`svdrank.spectra.recording`). The next layer is
 formed while one is worked on, so at most two layers' updates are in memory,
 ``diff``'s bound. The factors are spooled to a temporary file (the weights
 file's header needs every rank first) and handed back in the order asked for.
@@ -25,7 +27,7 @@ from svdrank.analysis.delta import form_delta, layer_bytes
 from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_update
 from svdrank.analysis.pipeline import alike_key, analyze_layer, needed_complete
 from svdrank.inputs.checkpoint import DTYPES
-from svdrank.spectra.devices import kernels_for
+from svdrank.spectra.recording import RecordingKernels
 from svdrank.types import AnalysisSettings, Layer, LayerResult, Progress, ProgressUpdate
 
 
@@ -118,7 +120,6 @@ def analyze_and_factor(
     """
     if not layers:
         return
-    kernels = kernels_for("cpu")
     noisy = settings.noise != "off"
     probes: dict[tuple[str, str, tuple[int, int]], int] = {}
     results: list[LayerResult] = []
@@ -133,6 +134,7 @@ def analyze_and_factor(
                 next_read = reader.submit(form_delta, layers[index + 1], noisy)
             probe = probes.setdefault(alike_key(layer), index)
             hint = probe != index and needed_complete(results[probe].spectrum)
+            kernels = RecordingKernels()
             result = analyze_layer(layer, formed, index, settings, kernels, hint)
             results.append(result)
             rank = rank_of(result)
@@ -140,8 +142,8 @@ def analyze_and_factor(
             if rank > 0:
                 job = FactorJob(layer, result, rank, scale_of(rank), index)
                 rng = np.random.default_rng([factor_settings.seed, index])
-                factored = factor_update(formed, job, factor_settings, rng)
-            del formed
+                factored = factor_update(formed, job, factor_settings, rng, kernels.workings)
+            del formed, kernels
             yield result, rank, factored
             done_bytes += layer_bytes(layer)
             if progress is not None:

@@ -3,9 +3,11 @@
 ``analyze`` streams layer by layer: ΔW of the next layer is formed (from the
 memory-mapped tensors, in one pass) while earlier ones are decomposed, so
 reading overlaps computing and at most ``workers + 1`` layers' updates are in
-memory. Each finished layer is appended to the run's results log
-(:mod:`svdrank.analysis.resume`), from which an interrupted run resumes. The
-result is saved and loaded by :mod:`svdrank.analysis.file`.
+memory; with a cluster, each worker forms and decomposes its own layers
+(:mod:`svdrank.analysis.runners` chooses where). Each finished layer is
+appended to the run's results log (:mod:`svdrank.analysis.resume`), from which
+an interrupted run resumes. The result is saved and loaded by
+:mod:`svdrank.analysis.file`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,12 +24,17 @@ from svdrank.analysis.adapter import analyze_adapter
 from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
 from svdrank.analysis.floor import spectrum_with_noise
 from svdrank.analysis.resume import ResultsLog, open_results_log, run_header
+
+# alike_key and needed_complete are re-exported: extraction's one pass hints as the runners do.
+from svdrank.analysis.runners import LayerSteps, Runner, runner_for, two_waves
+from svdrank.analysis.runners import alike_key as alike_key
+from svdrank.analysis.runners import needed_complete as needed_complete
 from svdrank.errors import SvdrankWarning, UsageError
 from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
 from svdrank.inputs.model import model_config_path, runtime_targets
 from svdrank.inputs.pairing import pair_checkpoints
-from svdrank.spectra.devices import Kernels, kernels_for
+from svdrank.spectra.devices import Kernels
 from svdrank.types import (
     Analysis,
     AnalysisSettings,
@@ -38,7 +44,6 @@ from svdrank.types import (
     ModelInfo,
     Progress,
     ProgressUpdate,
-    Spectrum,
 )
 
 
@@ -61,6 +66,7 @@ def analyze(
     noise: str = "auto",
     workers: int = 1,
     device: str = "cpu",
+    cluster: str | None = None,
     progress: Progress | None = None,
     results_log: str | Path | None = None,
     resume: bool = False,
@@ -104,7 +110,15 @@ def analyze(
         Where the spectra are computed (see
         :func:`svdrank.spectra.devices.kernels_for`): ``cpu`` NumPy and SciPy,
         ``cuda`` torch on a CUDA GPU, ``auto`` cuda when there is one.
-        ΔW is formed on the host and the noise floor computed there.
+        ΔW is formed on the host and the noise floor computed there. With a
+        ``cluster``, resolved on each worker (each uses its own GPU).
+    cluster : str, optional
+        Compute the layers on a Dask cluster (``pip install 'svdrank[cluster]'``):
+        a scheduler's address (``tcp://host:8786``) or ``local:N`` for N worker
+        processes on this machine, started for the run (see
+        :func:`svdrank.analysis.cluster.dask_runner`). Every worker reads the
+        checkpoints from the same paths; the analysis is the same as a local
+        run's (timings aside). ``workers`` must then be left at 1.
     progress : callable, optional
         Called after each layer with a :class:`~svdrank.types.ProgressUpdate`:
         first for the layers a resumed run found in its log, then for each layer
@@ -131,9 +145,11 @@ def analyze(
     UsageError
         For an option out of range, an option that does not apply to an
         adapter (its spectra are exact from the r×r core: no engine settings,
-        seed, conv kernels, workers, device or resuming), ``resume`` without a
+        seed, conv kernels, workers, device, cluster or resuming), ``resume`` without a
         ``results_log``, a log of another run (other inputs, settings or
-        svdrank version), or a device this machine lacks (no torch, no CUDA).
+        svdrank version), a device this machine lacks (no torch, no CUDA), or
+        a cluster that cannot be used (no Dask, no scheduler at the address,
+        workers that do not see the same files).
     CheckpointError, PairingError, NumericalError
         For unreadable inputs, no layers in common, or NaN/Inf in an update.
 
@@ -171,9 +187,8 @@ def analyze(
             raise UsageError(
                 f"{base}: give BASE and TUNED checkpoints, or a PEFT adapter directory alone"
             )
-        _refuse_for_adapters(settings, workers, device, resume)
+        _refuse_for_adapters(settings, workers, device, resume, cluster)
         return analyze_adapter(base, settings)
-    kernels = kernels_for(device)
     if resume and results_log is None:
         raise UsageError("resuming needs the results log to resume from")
     base_checkpoint, tuned_checkpoint = open_checkpoint(base), open_checkpoint(tuned)
@@ -183,8 +198,11 @@ def analyze(
     model, layers = place_in_model(pairing.layers, tuned_checkpoint, base_checkpoint)
     header = run_header(base_checkpoint, tuned_checkpoint, settings)
     log = None if results_log is None else Path(results_log)
-    with open_results_log(log, header, layers, resume) as opened:
-        results = _run(layers, settings, workers, kernels, progress, opened)
+    files = (*base_checkpoint.files, *tuned_checkpoint.files)
+    with runner_for(workers, device, cluster, files) as runner, open_results_log(
+        log, header, layers, resume
+    ) as opened:
+        results = _run(layers, settings, runner, progress, opened)
     return Analysis(
         inputs={"base": describe_input(base_checkpoint), "tuned": describe_input(tuned_checkpoint)},
         settings=settings,
@@ -223,7 +241,7 @@ def _warn_unmatched(model: ModelInfo, layers: tuple[Layer, ...]) -> None:
 
 
 def _refuse_for_adapters(
-    settings: AnalysisSettings, workers: int, device: str, resume: bool
+    settings: AnalysisSettings, workers: int, device: str, resume: bool, cluster: str | None
 ) -> None:
     """Raise when an option was given that an adapter analysis cannot honour.
 
@@ -249,6 +267,7 @@ def _refuse_for_adapters(
     given += ["--workers"] if workers != 1 else []
     given += ["--device"] if device not in ("cpu", "auto") else []
     given += ["--resume"] if resume else []
+    given += ["--cluster"] if cluster is not None else []
     if given:
         raise UsageError(
             f"{', '.join(given)} do not apply to a PEFT adapter (its spectra are exact, from "
@@ -259,8 +278,7 @@ def _refuse_for_adapters(
 def _run(
     layers: Sequence[Layer],
     settings: AnalysisSettings,
-    workers: int,
-    kernels: Kernels,
+    runner: Runner,
     progress: Progress | None,
     log: ResultsLog,
 ) -> tuple[LayerResult, ...]:
@@ -269,106 +287,13 @@ def _run(
     results = dict(log.known)
     for index in sorted(log.known):
         report(layers[index], log.known[index])
-    for index, result in _analyze_layers(layers, settings, workers, kernels, log.known):
+    waves = two_waves(layers, log.known)
+    steps = LayerSteps(form_delta, analyze_layer)
+    for index, result in runner.results(layers, waves, settings, steps):
         log.append(index, result)
         results[index] = result
         report(layers[index], result)
     return tuple(results[index] for index in range(len(layers)))
-
-
-_Key = tuple[str, str, tuple[int, int]]
-
-
-def alike_key(layer: Layer) -> _Key:
-    """Return what makes layers alike for ``auto``'s hint: their stack, kind and shape."""
-    return layer.stack, layer.kind, layer.shape
-
-
-def _analyze_layers(
-    layers: Sequence[Layer],
-    settings: AnalysisSettings,
-    workers: int,
-    kernels: Kernels,
-    known: Mapping[int, LayerResult],
-) -> Iterator[tuple[int, LayerResult]]:
-    """Decompose the layers not ``known`` in two waves; yield (index, result) as each finishes.
-
-    Layers of the same stack, kind and shape tend to decay alike (all q_proj of
-    a model, say). The first wave decomposes one probe per such group, its
-    first layer in order, with no hint; the second wave decomposes every other
-    layer with ``expect_slow`` when its group's probe needed its complete
-    spectrum (see :func:`svdrank.spectra.engines.decompose`). A layer's hint
-    depends on its probe alone, so results do not depend on ``workers``, on
-    timing or on which layers a resumed run already had; the second wave runs
-    ``workers`` layers at once whatever their kind, each waiting in its worker
-    for its probe if that is still running.
-
-    At most ``workers`` updates are being decomposed and one more is being
-    formed (the reader forms the next while workers decompose), so memory
-    holds ``workers + 1`` layers' ΔW at the most.
-    """
-    probes: dict[_Key, int] = {}
-    for index, layer in enumerate(layers):
-        probes.setdefault(alike_key(layer), index)
-    firsts = set(probes.values())
-    settled = firsts | set(known)
-    order = [index for index in probes.values() if index not in known]
-    order += [index for index in range(len(layers)) if index not in settled]
-    if not order:
-        return
-    noisy = settings.noise != "off"
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="svdrank-svd")
-    running: dict[Future[LayerResult], int] = {}
-    outcomes: dict[int, Future[LayerResult] | LayerResult] = dict(known)
-    try:
-        next_read = reader.submit(form_delta, layers[order[0]], noisy)
-        for position, index in enumerate(order):
-            formed = next_read.result()
-            while len(running) == workers:
-                yield from _finished(running)
-            probe = None if index in firsts else outcomes[probes[alike_key(layers[index])]]
-            task = pool.submit(
-                _analyze_alike, layers[index], formed, index, settings, kernels, probe
-            )
-            running[task] = index
-            if index in firsts:
-                outcomes[index] = task
-            del formed
-            if position + 1 < len(order):
-                next_read = reader.submit(form_delta, layers[order[position + 1]], noisy)
-        while running:
-            yield from _finished(running)
-    finally:
-        reader.shutdown(wait=False, cancel_futures=True)
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _finished(running: dict[Future[LayerResult], int]) -> Iterator[tuple[int, LayerResult]]:
-    """Wait until a running layer finishes; yield each finished one (index, result), in order."""
-    done, _ = wait(running, return_when=FIRST_COMPLETED)
-    for task in sorted(done, key=running.__getitem__):
-        yield running.pop(task), task.result()
-
-
-def _analyze_alike(
-    layer: Layer,
-    formed: FormedDelta,
-    index: int,
-    settings: AnalysisSettings,
-    kernels: Kernels,
-    probe: Future[LayerResult] | LayerResult | None,
-) -> LayerResult:
-    """Decompose one layer, hinted by its probe's outcome (waited for); a probe has none."""
-    if isinstance(probe, Future):
-        probe = probe.result()
-    hint = probe is not None and needed_complete(probe.spectrum)
-    return analyze_layer(layer, formed, index, settings, kernels, hint)
-
-
-def needed_complete(spectrum: Spectrum) -> bool:
-    """Whether a layer's spectrum decayed too slowly for a sketch (it went to Gram whole)."""
-    return spectrum.engine == "gram" and spectrum.complete
 
 
 def analyze_layer(

@@ -3,8 +3,11 @@
 Extraction needs the top r singular triplets of ΔW (Eckart-Young: U_r·Σ_r·V_rᵀ
 is the best rank-r approximation in the Frobenius norm) and nothing else. When
 r is small against min(m, n), a randomized range finder with power iterations
-and oversampling gets them in a few passes over ΔW; otherwise LAPACK's
-divide-and-conquer SVD computes them all. The factors are then split evenly,
+and oversampling gets them in a few passes over ΔW; otherwise the top r
+eigenvectors of the Gram matrix (large layers) or LAPACK's divide-and-conquer
+SVD (small ones) do. Where the analysis already sketched ΔW or reduced its Gram
+matrix, :func:`sketch_svd` and :func:`gram_svd` take the triplets from that
+work instead of starting over. The factors are then split evenly,
 B = U_r·√Σ_r and A = √Σ_r·V_rᵀ (divided by √s for a LoRA scale s), so neither
 factor carries the whole magnitude when it is cast to BF16 or F16.
 
@@ -21,13 +24,15 @@ import numpy as np
 import scipy.linalg
 
 from svdrank.spectra.kernels import extend_range, smaller_gram, sum_of_squares, times
+from svdrank.spectra.tridiagonal import Tridiagonal, top_eigenvectors, tridiagonalize
 
 RANDOMIZED_SHARE = 0.2
 """The sketch (r + oversample columns) is used while it is at most this share of min(m, n);
 past it a full SVD is cheaper than the passes of the range finder."""
 GRAM_FROM = 512
 """Past the sketch's share, layers with min(m, n) at least this take their vectors from the
-Gram matrix (one SYRK + an eigensolver for the top r only); smaller ones from gesdd."""
+Gram matrix (one SYRK, its tridiagonal reduction, the top r eigenvectors); smaller ones from
+gesdd."""
 RESIDUAL_CHUNK_BYTES = 16 << 20
 """The residual ΔW − s·B·A is formed this many bytes of ΔW at a time."""
 
@@ -108,14 +113,15 @@ def truncated_svd(
     return randomized_svd(delta, rank, oversample, power_iters, normalizer, rng)
 
 
-def gram_svd(delta: np.ndarray, rank: int) -> TruncatedSvd:
+def gram_svd(delta: np.ndarray, rank: int, reduction: Tridiagonal | None = None) -> TruncatedSvd:
     """Top ``rank`` triplets from the eigenvectors of the smaller Gram matrix.
 
-    G = ΔWᵀΔW (or ΔWΔWᵀ when smaller) by one SYRK, its top ``rank``
-    eigenvectors by LAPACK syevr (MRRR, the eigenvectors asked for only),
-    then ΔW·V = U·Σ. Cost m·n² + 4/3·n³ + 2·n²·rank + m·n·rank (n = min(m,
-    n)): far below gesdd with vectors, and what ``diff`` already spends on
-    the values of slowly decaying layers.
+    G = ΔWᵀΔW (or ΔWΔWᵀ when smaller) by one SYRK, reduced to tridiagonal
+    form (sytrd) unless its ``reduction`` is given, its top ``rank``
+    eigenvectors from the reduction (:func:`~svdrank.spectra.tridiagonal.top_eigenvectors`),
+    then ΔW·V = U·Σ. Cost m·n² + 4/3·n³ + stevd + 2·n²·rank + 2·m·n·rank
+    (n = min(m, n)); with the reduction ``diff``'s Gram engine already made,
+    only the last three.
 
     Accuracy: the eigenvectors are those of G to O(ε·σ₁²/gap); the
     approximation U·Σ·Vᵀ = ΔW·V·Vᵀ is the projection of ΔW on their span, whose
@@ -126,6 +132,8 @@ def gram_svd(delta: np.ndarray, rank: int) -> TruncatedSvd:
     ----------
     delta : ndarray, shape (m, n), float32 or float64, finite
     rank : int
+    reduction : Tridiagonal, optional
+        The reduction of ``smaller_gram(delta)`` (of ΔW's Gram matrix, not another's).
 
     Returns
     -------
@@ -136,21 +144,14 @@ def gram_svd(delta: np.ndarray, rank: int) -> TruncatedSvd:
     ----------
     Golub & Van Loan, Matrix Computations, 4th ed., §8.6.
     """
-    gram = smaller_gram(delta)
-    size = gram.shape[0]
-    vectors = scipy.linalg.eigh(
-        gram,
-        lower=True,
-        subset_by_index=[size - rank, size - 1],
-        driver="evr",
-        overwrite_a=True,
-        check_finite=False,
-    )[1][:, ::-1]
-    del gram
-    vectors = np.ascontiguousarray(vectors, dtype=delta.dtype)
+    if reduction is None:
+        reduction = tridiagonalize(smaller_gram(delta))
+    vectors = top_eigenvectors(reduction, rank)[1]
+    del reduction
+    vectors = np.asarray(vectors, dtype=delta.dtype)
     tall = delta.shape[0] >= delta.shape[1]
     projected = times(delta, vectors, transpose=not tall)
-    values = np.sqrt(np.sum(np.square(projected, dtype=np.float64), axis=0))
+    values = np.sqrt([sum_of_squares(column) for column in projected.T])
     other = np.divide(
         projected, np.where(values > 0, values, 1.0).astype(delta.dtype), out=projected
     )
@@ -234,21 +235,82 @@ def randomized_svd(
     Review 53(2), 2011, Algorithms 4.4 and 5.1.
     """
     rng = np.random.default_rng() if rng is None else rng
-    transposed = delta.shape[0] < delta.shape[1]
-    oriented = delta.T if transposed else delta
+    tall = delta.shape[0] >= delta.shape[1]
+    oriented = delta if tall else delta.T
     width = min(rank + oversample, min(delta.shape))
     empty = np.empty((oriented.shape[0], 0), dtype=delta.dtype)
     basis = extend_range(oriented, empty, width, power_iters, normalizer, rng)
-    # (QᵀΔW)ᵀ = ΔWᵀQ reads ΔW in place; its SVD is V·Σ·Ũᵀ.
+    return sketch_svd(delta, Sketch(basis, left=tall), rank)
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """An orthonormal basis Q of one side of ΔW's dominant singular subspace.
+
+    Attributes
+    ----------
+    basis : ndarray, shape (m, w) or (n, w)
+        Orthonormal columns in ΔW's column space (``left``) or row space.
+    left : bool
+        Which side Q spans.
+    projection : ndarray, optional
+        ΔWᵀ·Q (n × w) for a left basis, ΔW·Q (m × w) for a right one, where
+        already computed (the engine's last pass).
+    """
+
+    basis: np.ndarray
+    left: bool
+    projection: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        """The number of columns of Q."""
+        return int(self.basis.shape[1])
+
+
+def sketch_svd(delta: np.ndarray, sketch: Sketch, rank: int) -> TruncatedSvd:
+    """Top ``rank`` triplets of ΔW projected on a sketch's basis (Halko et al., Algorithm 5.1).
+
+    With Q spanning ΔW's column space, ΔW ≈ Q·QᵀΔW and the SVD of the small
+    (QᵀΔW)ᵀ = ΔWᵀQ = V·Σ·Ŵᵀ gives U = Q·Ŵ; a basis of the row space is the
+    same on ΔWᵀ. Cost: one product of ΔW with Q (none when the sketch holds
+    it) and an SVD of an n × w matrix (m × w for a right basis).
+
+    Accuracy: that of the range finder that made Q (see :func:`randomized_svd`):
+    σ̂ᵢ ≤ σᵢ, and the error tends to the optimum as Q holds more of the top
+    singular subspace; callers measure it.
+
+    Parameters
+    ----------
+    delta : ndarray, shape (m, n), float32 or float64, finite
+    sketch : Sketch
+        Of this ΔW, at least ``rank`` columns wide.
+    rank : int
+
+    Returns
+    -------
+    TruncatedSvd
+        With ``method="randomized"``.
+
+    References
+    ----------
+    Halko, Martinsson & Tropp, "Finding structure with randomness", SIAM
+    Review 53(2), 2011, Algorithm 5.1.
+    """
+    oriented = delta if sketch.left else delta.T
+    projection = sketch.projection
+    if projection is None:
+        # (QᵀΔW)ᵀ = ΔWᵀQ reads ΔW in place; its SVD is V·Σ·Ũᵀ.
+        projection = times(oriented, sketch.basis, transpose=True)
     small_v, values, small_ut = scipy.linalg.svd(
-        times(oriented, basis, transpose=True), full_matrices=False, check_finite=False
+        projection, full_matrices=False, check_finite=False
     )
-    left = times(basis, np.ascontiguousarray(small_ut[:rank].T))
-    right = np.ascontiguousarray(small_v[:, :rank].T)
+    near = times(sketch.basis, np.ascontiguousarray(small_ut[:rank].T))
+    far = np.ascontiguousarray(small_v[:, :rank].T)
     values = values[:rank].astype(np.float64)
-    if transposed:
-        return TruncatedSvd(right.T, values, left.T, "randomized")
-    return TruncatedSvd(left, values, right, "randomized")
+    if sketch.left:
+        return TruncatedSvd(near, values, far, "randomized")
+    return TruncatedSvd(far.T, values, near.T, "randomized")
 
 
 def lora_factors(svd: TruncatedSvd, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +340,7 @@ def residual_energy(delta: np.ndarray, b: np.ndarray, a: np.ndarray, scale: floa
 
     The residual is computed directly, not as ‖ΔW‖² − ‖s·B·A‖², which would
     lose every digit to cancellation when the approximation is good. Cost:
-    one product m·n·r; memory: one block of 16 MB.
+    one product m·n·r; memory: one block of 16 MB (and B's rows in it, widened).
 
     Parameters
     ----------
@@ -293,16 +355,22 @@ def residual_energy(delta: np.ndarray, b: np.ndarray, a: np.ndarray, scale: floa
     -------
     float
     """
-    # The scale goes on A (r × n), the smaller copy when m > r.
-    b = np.asarray(b, dtype=delta.dtype)
-    a = np.ascontiguousarray(a, dtype=delta.dtype) * delta.dtype.type(scale)
+    # The scale goes on A (r × n), the smaller copy when m > r; B is widened a block at a time.
+    a = np.asfortranarray(np.asarray(a, dtype=delta.dtype) * delta.dtype.type(scale))
     rows = max(1, RESIDUAL_CHUNK_BYTES // max(delta.shape[1] * delta.itemsize, 1))
-    total = 0.0
-    for start in range(0, delta.shape[0], rows):
-        block = slice(start, start + rows)
-        approximation = times(np.ascontiguousarray(b[block]), a) if b.size else 0.0
-        total += sum_of_squares(delta[block] - approximation)
-    return total
+    return sum(
+        _block_residual(delta[start : start + rows], b[start : start + rows], a)
+        for start in range(0, delta.shape[0], rows)
+    )
+
+
+def _block_residual(delta: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:
+    """‖ΔW − B·A‖_F² of a block of rows, B widened to ΔW's dtype (A is scaled, Fortran order)."""
+    if not b.size:
+        return sum_of_squares(delta)
+    difference = times(np.ascontiguousarray(b, dtype=delta.dtype), a)
+    difference -= delta
+    return sum_of_squares(difference.T)  # BLAS's product is Fortran-ordered: read in place
 
 
 def relative_error(residual: float, total: float) -> float:

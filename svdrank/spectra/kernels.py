@@ -136,7 +136,11 @@ def gram_spectrum(gram: np.ndarray) -> np.ndarray:
 
     LAPACK syevr, values only, with the GIL released (see :mod:`svdrank.spectra.nogil`).
     """
-    eigenvalues = nogil.eigenvalues_lower(gram)
+    return gram_singular_values(nogil.eigenvalues_lower(gram))
+
+
+def gram_singular_values(eigenvalues: np.ndarray) -> np.ndarray:
+    """σᵢ = √λᵢ, descending, from a Gram matrix's ascending eigenvalues (rounding below 0 is 0)."""
     return np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
 
 
