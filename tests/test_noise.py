@@ -430,3 +430,35 @@ def test_readme_update_is_found_above_the_bf16_noise():
     # Measured: clean 8/8/7, the float32 update's own 8/8/7 (raw ranks read 465 at 95 %).
     assert all(rank <= 8 for rank in ranks)
     assert np.all(np.abs(np.subtract(ranks, truth)) <= 1), (ranks, truth)
+
+
+def test_a_dominant_update_settles_the_edge_after_one_flip_and_an_exact_profile_is_reused(
+    monkeypatch,
+):
+    """Past agreement × the sim edge one flip decides: the same τ as every flip drawn."""
+    rng = np.random.default_rng(5)
+    weight = _weight("iid", (256, 160), rng)
+    delta, variance, _ = _null_update(weight, "BF16")
+    delta = delta + np.outer(rng.standard_normal(256), rng.standard_normal(160)).astype(np.float32)
+    early = noise.noise_floor(delta, variance, np.random.default_rng(0))
+    flips = []
+    real_flip = noise._flip_edge
+
+    def counted(*args):
+        flips.append(real_flip(*args))
+        return flips[-1]
+
+    monkeypatch.setattr(noise, "_flip_edge", counted)
+    profile = noise.variance_profile(variance, 1)
+    again = noise.noise_floor(delta, variance, np.random.default_rng(0), profile=profile)
+    assert len(flips) == 1 and flips[0] > noise._AGREEMENT * again.sim_edge
+    assert again == early
+    flips.clear()
+    monkeypatch.setattr(
+        noise, "_flip_edges", lambda s, d, r, draws, _: max(counted(s, d, r) for _ in range(draws))
+    )
+    every = noise.noise_floor(delta, variance, np.random.default_rng(0))
+    assert len(flips) == 2
+    assert every.edge == early.edge == early.sim_edge
+    assert every.threshold == early.threshold
+    assert every.noise_energy == pytest.approx(float(np.sum(variance, dtype=np.float64)))

@@ -120,10 +120,13 @@ def spectrum_with_noise(
     if _bracket_answers(found, bracket, min(layer.shape)):
         return found, _bounded(rounding, bracket, found, formed.delta.size)
     variance = layer_variance(layer, rounding.grids)
-    exact = _bracket(rounding, variance_profile(variance, rounding.roundings), layer.shape)
+    profile = variance_profile(variance, rounding.roundings)
+    exact = _bracket(rounding, profile, layer.shape)
     if _bracket_answers(found, exact, min(layer.shape)):
         return found, _bounded(rounding, exact, found, formed.delta.size)
-    floor = noise_floor(formed.delta, variance, floor_rng, roundings=rounding.roundings)
+    floor = noise_floor(
+        formed.delta, variance, floor_rng, roundings=rounding.roundings, profile=profile
+    )
     return found, _estimated(rounding, floor, found, formed.delta.size)
 
 

@@ -212,7 +212,9 @@ class NoiseFloor:
         σ₁ of simulated noise draws with the profile, max over the draws,
         floored by ``max_entry``.
     flip_edge : float
-        σ₁ of S ⊙ ΔW for random signs S, max over the draws.
+        σ₁ of S ⊙ ΔW for random signs S, max over the draws made (they stop
+        once one passes ``agreement`` × ``sim_edge``: the edge is then the
+        sim edge whatever the others give).
     edge : float
         The estimate of ‖N‖₂ the threshold is built on.
     threshold : float
@@ -350,6 +352,7 @@ def noise_floor(
     draws: int = 2,
     agreement: float = _AGREEMENT,
     roundings: int = 1,
+    profile: ProfileBounds | None = None,
 ) -> NoiseFloor:
     """Estimate ‖N‖₂ of ΔW's storage noise and the threshold τ above which σᵢ are signal.
 
@@ -416,6 +419,10 @@ def noise_floor(
     roundings : int
         How many rounded tensors ``variance`` adds up: 2 when base and tuned
         are both stored on a BF16, F16 or F8 grid, else 1.
+    profile : ProfileBounds, optional
+        ``variance``'s exact sums (:func:`variance_profile`) when the caller
+        has them: saves a pass over ``variance``. Bounds from squares are not
+        taken (the sums are recomputed).
 
     Returns
     -------
@@ -438,11 +445,14 @@ def noise_floor(
     """
     if draws < 1 or roundings < 1:
         raise UsageError(f"noise_floor needs draws ≥ 1 and roundings ≥ 1, got {draws}, {roundings}")
-    noise_energy, profile_bound, max_variance = _profile(variance)
+    sums = None
+    if profile is not None and profile.exact:
+        sums = (profile.energy, profile.row_max, profile.column_max, profile.entry_max)
+    noise_energy, profile_bound, max_variance = _profile(variance, sums)
     scratch = np.empty(delta.shape, dtype=delta.dtype)
     max_entry = math.sqrt(3.0 * roundings * max_variance)
     sim_edge = max(max_entry, *(_sim_edge(scratch, variance, rng) for _ in range(draws)))
-    flip_edge = max(_flip_edge(scratch, delta, rng) for _ in range(draws))
+    flip_edge = _flip_edges(scratch, delta, rng, draws, agreement * sim_edge)
     edge = combine_edges(sim_edge, flip_edge, agreement)
     beta = min(delta.shape) / max(delta.shape) if delta.size else 1.0
     threshold = gavish_donoho_factor(beta) / (1.0 + math.sqrt(beta)) * edge
@@ -530,9 +540,11 @@ def _row_slices(shape: tuple[int, ...], elements: int) -> Iterator[slice]:
         yield slice(start, start + step)
 
 
-def _profile(variance: np.ndarray) -> tuple[float, float, float]:
-    """Σv, √(max row sum) + √(max column sum) and max v, in one chunked float64 pass."""
-    total, row_max, column_max, largest = _sums(variance)
+def _profile(
+    variance: np.ndarray, sums: tuple[float, float, float, float] | None = None
+) -> tuple[float, float, float]:
+    """Σv, √(max row sum) + √(max column sum) and max v: from ``sums`` or one chunked pass."""
+    total, row_max, column_max, largest = _sums(variance) if sums is None else sums
     return total, math.sqrt(row_max) + math.sqrt(column_max), largest
 
 
@@ -565,6 +577,27 @@ def _sim_edge(scratch: np.ndarray, variance: np.ndarray, rng: np.random.Generato
         block -= 1.0
         block *= scale
     return top_singular_value(scratch, rng)
+
+
+def _flip_edges(
+    scratch: np.ndarray,
+    delta: np.ndarray,
+    rng: np.random.Generator,
+    draws: int,
+    decided: float,
+) -> float:
+    """Return the largest σ₁ of S ⊙ ΔW over up to ``draws`` draws, or the first past ``decided``.
+
+    ``decided`` is ``agreement`` × the sim edge: a flip edge beyond it makes
+    the sim edge the combined one (:func:`combine_edges`) whatever the other
+    draws give, since more draws can only raise the largest.
+    """
+    largest = 0.0
+    for _ in range(draws):
+        largest = max(largest, _flip_edge(scratch, delta, rng))
+        if largest > decided:
+            break
+    return largest
 
 
 def _flip_edge(scratch: np.ndarray, delta: np.ndarray, rng: np.random.Generator) -> float:
