@@ -200,6 +200,7 @@ def factor_update(
     """
     delta, total = formed.delta, formed.total_energy
     svd = None if workings is None else reused_svd(delta, job, workings, settings.oversample)
+    del workings  # the engine's reduction or sketch leaves memory once the vectors are out
     if svd is None:
         svd = truncated_svd(
             delta,
@@ -213,7 +214,9 @@ def factor_update(
     if svd.method in ("randomized", "gram") and _excess(total, svd.kept_energy, optimal):
         svd = exact_svd(delta, job.rank)
         optimal = _optimal_energy(svd, job, total)
-    return store(svd, delta, total, optimal, job.scale, settings.dtype, job.layer.name)
+    cast = cast_factors(svd, job.scale, settings.dtype, job.layer.name)
+    del svd  # the residual is the peak of memory: only ΔW and the stored factors stay
+    return measure_stored(cast, delta, total, optimal, job.scale)
 
 
 def reused_svd(
@@ -265,6 +268,29 @@ def _excess(total: float, kept: float, optimal: float) -> bool:
     return math.sqrt(achieved) > NEAR_OPTIMAL * math.sqrt(optimal) + 1e-6 * math.sqrt(total)
 
 
+@dataclass(frozen=True)
+class CastFactors:
+    """A layer's balanced factors as stored, with what their SVD said of them.
+
+    Attributes
+    ----------
+    b, a : ndarray
+        The factors in the storage dtype.
+    underflows : int
+        Their entries below the dtype's normal range.
+    energy : float
+        Σ_{i≤r} σ̂ᵢ² of the SVD they came from.
+    method : str
+        How its vectors were computed.
+    """
+
+    b: np.ndarray
+    a: np.ndarray
+    underflows: int
+    energy: float
+    method: str
+
+
 def store(
     svd: TruncatedSvd,
     delta: np.ndarray | None,
@@ -286,23 +312,46 @@ def store(
     NumericalError
         If a factor overflows ``dtype`` (F16's largest number is 65504).
     """
+    cast = cast_factors(svd, scale, dtype, name)
+    return measure_stored(cast, delta, total, optimal, scale, residual)
+
+
+def cast_factors(svd: TruncatedSvd, scale: float, dtype: str, name: str) -> CastFactors:
+    """Split an SVD into balanced factors for scale ``s`` and cast them to ``dtype``.
+
+    Raises
+    ------
+    NumericalError
+        If a factor overflows ``dtype`` (F16's largest number is 65504).
+    """
     b, a = lora_factors(svd, scale)
     stored_b, stored_a = _cast(b, dtype, name), _cast(a, dtype, name)
     underflows = _underflows(b, dtype) + _underflows(a, dtype)
-    del b, a  # the residual below is the peak of memory: free the unrounded factors first
+    return CastFactors(stored_b, stored_a, underflows, svd.kept_energy, svd.method)
+
+
+def measure_stored(
+    cast: CastFactors,
+    delta: np.ndarray | None,
+    total: float,
+    optimal: float,
+    scale: float,
+    residual: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> Factored:
+    """Measure stored factors' error ‖ΔW − s·B·A‖_F², by ``residual`` or against ``delta``."""
     if residual is None:
         assert delta is not None
-        error_energy = residual_energy(delta, stored_b, stored_a, scale)
+        error_energy = residual_energy(delta, cast.b, cast.a, scale)
     else:
-        error_energy = residual(stored_b, stored_a)
+        error_energy = residual(cast.b, cast.a)
     quality = FactorQuality(
-        energy=svd.kept_energy / total if total > 0 else 1.0,
+        energy=cast.energy / total if total > 0 else 1.0,
         error=relative_error(error_energy, total),
         optimal=relative_error(optimal, total),
-        method=svd.method,
-        underflows=underflows,
+        method=cast.method,
+        underflows=cast.underflows,
     )
-    return Factored(stored_b, stored_a, quality)
+    return Factored(cast.b, cast.a, quality)
 
 
 def _cast(factor: np.ndarray, dtype: str, name: str) -> np.ndarray:

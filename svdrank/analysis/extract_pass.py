@@ -142,7 +142,7 @@ def analyze_and_factor(
             if rank > 0:
                 job = FactorJob(layer, result, rank, scale_of(rank), index)
                 rng = np.random.default_rng([factor_settings.seed, index])
-                factored = factor_update(formed, job, factor_settings, rng, kernels.workings)
+                factored = factor_update(formed, job, factor_settings, rng, kernels.take_workings())
             del formed, kernels
             yield result, rank, factored
             done_bytes += layer_bytes(layer)

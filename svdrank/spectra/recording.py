@@ -74,6 +74,12 @@ class RecordingKernels:
         """The reduction and the sketch kept from the layer's decomposition."""
         return Workings(self._reduction, self._sketch)
 
+    def take_workings(self) -> Workings:
+        """Return :attr:`workings` and forget them here, so they leave memory with the caller's."""
+        workings = self.workings
+        self._reduction = self._sketch = None
+        return workings
+
     def place(self, delta: np.ndarray) -> np.ndarray:
         """Return ΔW itself, noting its shape (the sides of the sketches follow from it)."""
         self._shape = delta.shape
