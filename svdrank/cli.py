@@ -518,6 +518,7 @@ def extract(
     seed: options.DiffSeed = 0,
     oversample: options.DiffOversample = 10,
     power_iters: options.DiffPowerIters = 2,
+    noise: options.ExtractNoise = options.Noise["auto"],
     output_format: options.ExtractOutputFormat = None,
     quiet: options.DiffQuiet = False,
 ) -> None:
@@ -562,6 +563,7 @@ def extract(
             seed=seed,
             oversample=oversample,
             power_iters=power_iters,
+            noise=_value(noise),
             progress=progress,
         )
     for line in say_left_out(result.left_out):

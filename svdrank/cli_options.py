@@ -86,6 +86,14 @@ NoiseOption = Annotated[
         "(an analysis that stopped at the noise threshold may need `diff --noise off`).",
     ),
 ]
+ExtractNoise = Annotated[
+    Noise,
+    typer.Option(
+        help="auto: layers stored in BF16/F16/F8 get ranks from their clean update (storage "
+        "rounding noise removed), never past their signal rank; off: ranks from the raw "
+        "spectra, analysed without a noise floor.",
+    ),
+]
 DiffNoise = Annotated[
     AnalysisNoise,
     typer.Option(

@@ -10,6 +10,8 @@ import json
 import warnings
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 
 import svdrank.analysis.delta as delta_module
@@ -18,13 +20,15 @@ import svdrank.analysis.extract_pass as one_pass_module
 import svdrank.analysis.pipeline as pipeline
 import svdrank.outputs.extract as extract_module
 from svdrank import analyze, extract
+from svdrank.analysis.delta import form_delta
 from svdrank.analysis.extract import NEAR_OPTIMAL, FactorSettings
 from svdrank.analysis.file import layer_record
 from svdrank.analysis.pipeline import place_in_model
+from svdrank.errors import UsageError
 from svdrank.inputs.checkpoint import open_checkpoint
 from svdrank.inputs.pairing import pair_checkpoints
 from svdrank.types import AnalysisSettings, EngineSettings
-from tests.conftest import write_decaying_pair
+from tests.conftest import write_checkpoint, write_decaying_pair
 
 RULES = [
     {"preset": "balanced"},
@@ -111,3 +115,52 @@ def test_one_pass_analysis_is_the_analysis_of_analyze(pair):
         ]
 
     assert records(found) == records(reference.layers)
+
+
+def _light_fine_tune(directory: Path, rank: int = 4) -> tuple[Path, Path]:
+    """A BF16 pair whose update is rank ``rank`` at 0.1 % of ‖W‖: the storage noise dominates."""
+    rng = np.random.default_rng(3)
+    weight = (0.02 * rng.standard_normal((192, 160))).astype(ml_dtypes.bfloat16)
+    wide = weight.astype(np.float32)
+    update = rng.standard_normal((192, rank)) @ rng.standard_normal((rank, 160))
+    update *= 1e-3 * np.linalg.norm(wide) / np.linalg.norm(update)
+    tuned = (wide + update.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    base_file = write_checkpoint(directory / "base.safetensors", {"proj.weight": weight})
+    tuned_file = write_checkpoint(directory / "tuned.safetensors", {"proj.weight": tuned})
+    return base_file, tuned_file
+
+
+@pytest.mark.parametrize("analysed", [False, True], ids=["one-pass", "given-analysis"])
+def test_noise_off_extracts_at_the_raw_ranks_and_auto_at_the_clean_ones(tmp_path, analysed):
+    base, tuned = _light_fine_tune(tmp_path)
+    stored = pair_checkpoints(open_checkpoint(base), open_checkpoint(tuned)).layers[0]
+    delta = np.asarray(form_delta(stored).delta, dtype=np.float64)
+    values = np.linalg.svd(delta, compute_uv=False)
+    raw = int(np.searchsorted(np.cumsum(values**2) / np.sum(values**2), 0.90) + 1)
+    assert raw > 40  # the rounding noise spreads the raw energy over many directions
+    ranks = {}
+    for noise in ("auto", "off"):
+        options: dict = {"preset": "balanced", "noise": noise}
+        if analysed:
+            options["analysis"] = analyze(base, tuned, noise="full" if noise == "auto" else "off")
+        (layer,) = _extract((base, tuned), tmp_path / noise, **options)["layers"]
+        ranks[noise] = layer.rank
+    assert ranks == {"auto": 4, "off": raw}
+
+
+def test_extract_refuses_an_unknown_noise_mode(tmp_path):
+    with pytest.raises(UsageError, match="noise"):
+        extract(*_light_fine_tune(tmp_path), tmp_path / "adapter", noise="full")
+
+
+def test_the_cli_extracts_at_raw_ranks_with_noise_off(tmp_path, run_cli):
+    base, tuned = _light_fine_tune(tmp_path)
+    ranks = {}
+    for noise in ("auto", "off"):
+        output = tmp_path / noise
+        result = run_cli("extract", base, tuned, "-o", output, "--format", "json", "--noise", noise)
+        assert result.exit_code == 0, result.output
+        ranks[noise] = json.loads((output / "adapter_config.json").read_text())["r"]
+    assert ranks["auto"] == 4 and ranks["off"] > 40
+    refused = run_cli("extract", base, tuned, "-o", tmp_path / "x", "--noise", "full")
+    assert refused.exit_code == 2

@@ -36,7 +36,15 @@ from svdrank.outputs.extract_plan import StorageSettings
 from svdrank.outputs.peft import DEFAULT_ALPHA_RATIO
 from svdrank.ranks.rules import PRESETS
 from svdrank.spectra.energy import check_target
-from svdrank.types import Analysis, AnalysisSettings, EngineSettings, Extraction, Progress
+from svdrank.types import (
+    RANK_NOISE_MODES,
+    Analysis,
+    AnalysisSettings,
+    EngineSettings,
+    Extraction,
+    Progress,
+    check_choice,
+)
 
 DEFAULT_ADAPTER = Path("svdrank-adapter")
 """The adapter directory ``extract`` writes when none is given."""
@@ -69,6 +77,7 @@ def extract(
     seed: int = 0,
     oversample: int = 10,
     power_iters: int = 2,
+    noise: str = "auto",
     progress: Progress | None = None,
 ) -> Extraction:
     """Write a PEFT LoRA adapter that reproduces the update from BASE to TUNED at chosen ranks.
@@ -112,6 +121,12 @@ def extract(
         Glob patterns on module names, as in :func:`svdrank.analyze`.
     seed, oversample, power_iters
         Settings of the randomized SVD.
+    noise : {"auto", "off"}
+        ``auto``: layers stored on a BF16, F16 or F8 grid are analysed with
+        their storage noise floor and ranked on their clean update, never past
+        their signal rank (as ``recommend`` ranks them). ``off``: the raw
+        spectra and their ranks. With ``analysis``, the ranks are read from it
+        this way.
     progress : callable, optional
         Told after each layer of each pass over the pair (one or two, see ``analysis``).
 
@@ -134,6 +149,7 @@ def extract(
     >>> result = extract("base", "tuned", "adapter", preset="balanced")  # doctest: +SKIP
     >>> print(f"{result.params} parameters, worst error {result.worst_error:.1%}")  # doctest: +SKIP
     """
+    check_choice(noise, RANK_NOISE_MODES, "noise")
     rule_options: dict[str, Any] = {
         "preset": preset,
         "energy": energy,
@@ -146,6 +162,7 @@ def extract(
         "min_rank": min_rank,
         "max_rank": max_rank,
         "multiple_of": multiple_of,
+        "noise": noise,
     }
     storage = StorageSettings(alpha_ratio, uniform_alpha, dtype)
     if tuned is None:
@@ -157,7 +174,7 @@ def extract(
 
         return resize_adapter(base, Path(output), storage, rule_options, include, exclude)
     checkpoints = (open_checkpoint(base), open_checkpoint(tuned))
-    options = AnalysisOptions(include, exclude, seed, _max_energy(preset, energy))
+    options = AnalysisOptions(include, exclude, seed, _max_energy(preset, energy), noise)
     factoring = FactorSettings(oversample=oversample, power_iters=power_iters, seed=seed)
     write = AdapterOutput(Path(output), base, model_config_path(tuned) or model_config_path(base))
     if analysis is None and per_layer_rule(rule_options, storage):
@@ -166,6 +183,7 @@ def extract(
             seed=seed,
             include=tuple(include),
             exclude=tuple(exclude),
+            noise=noise,
         )
         return extract_in_one_pass(
             checkpoints, settings, rule_options, storage, factoring, write, progress
@@ -184,6 +202,7 @@ class AnalysisOptions:
     exclude: Sequence[str]
     seed: int
     max_energy: float
+    noise: str
 
 
 def _analysis(
@@ -201,6 +220,7 @@ def _analysis(
             seed=options.seed,
             include=options.include,
             exclude=options.exclude,
+            noise=options.noise,
             progress=progress,
         )
     if options.include or options.exclude:

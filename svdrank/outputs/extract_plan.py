@@ -87,8 +87,12 @@ def ranks_by_module(
     min_rank: int = 0,
     max_rank: int | None = None,
     multiple_of: int = 1,
+    noise: str = "auto",
 ) -> tuple[dict[str, int], str]:
     """Give every analysed layer its rank under one rule; the balanced preset by default.
+
+    ``noise`` is as in :func:`svdrank.recommend`: ``auto`` ranks layers with a
+    noise floor on their clean update, ``off`` on the raw spectrum.
 
     Returns
     -------
@@ -116,7 +120,7 @@ def ranks_by_module(
     if ranks is not None:
         return _file_ranks(analysis, Path(ranks)), f"ranks of {ranks}"
     if rank is not None:
-        plan = rules.plan(analysis, rules.uniform_rule(rank))
+        plan = rules.plan(analysis, rules.uniform_rule(rank), noise=noise)
     else:
         plan = rules.recommend(
             analysis,
@@ -129,6 +133,7 @@ def ranks_by_module(
             min_rank=min_rank,
             max_rank=max_rank,
             multiple_of=multiple_of,
+            noise=noise,
         )[0]
     chosen = {
         item.layer.module: item.rank if item.layer.spectrum.total_energy > 0 else 0
