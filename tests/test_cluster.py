@@ -286,6 +286,7 @@ def test_without_dask_the_cluster_option_says_how_to_install_it(
         (("--cluster", "local:two"), ("local:N",)),
         (("--cluster", "local:2", "--workers", "2"), ("--workers", "--cluster")),
         (("--cluster", "tcp://127.0.0.1:1"), ("tcp://127.0.0.1:1", "no Dask scheduler")),
+        (("--cluster", "foo"), ("--cluster foo", "missing port number")),
     ],
 )
 def test_cluster_options_that_cannot_work_are_one_line(

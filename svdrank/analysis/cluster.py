@@ -130,6 +130,13 @@ def local_workers(address: str) -> int | None:
 def _connect(distributed: Any, address: str) -> Iterator[Any]:
     """Connect to a running scheduler and wait for a worker; one line when either fails."""
     try:
+        distributed.comm.get_address_host_port(address)
+    except ValueError as exc:
+        # Checked first: a Client made from such an address hangs for a minute when collected.
+        raise UsageError(
+            f"--cluster {address}: give a scheduler's address, tcp://HOST:PORT, or local:N ({exc})"
+        ) from None
+    try:
         client = distributed.Client(address, timeout=CONNECT_SECONDS, set_as_default=False)
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(

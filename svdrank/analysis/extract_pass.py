@@ -25,7 +25,8 @@ import numpy as np
 
 from svdrank.analysis.delta import form_delta, layer_bytes
 from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_update
-from svdrank.analysis.pipeline import alike_key, analyze_layer, needed_complete
+from svdrank.analysis.pipeline import analyze_layer
+from svdrank.analysis.runners import alike_key, hinted
 from svdrank.inputs.checkpoint import DTYPES
 from svdrank.spectra.recording import RecordingKernels
 from svdrank.types import AnalysisSettings, Layer, LayerResult, Progress, ProgressUpdate
@@ -133,7 +134,7 @@ def analyze_and_factor(
             if index + 1 < len(layers):
                 next_read = reader.submit(form_delta, layers[index + 1], noisy)
             probe = probes.setdefault(alike_key(layer), index)
-            hint = probe != index and needed_complete(results[probe].spectrum)
+            hint = hinted(None if probe == index else results[probe])
             kernels = RecordingKernels()
             result = analyze_layer(layer, formed, index, settings, kernels, hint)
             results.append(result)

@@ -24,11 +24,7 @@ from svdrank.analysis.adapter import analyze_adapter
 from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
 from svdrank.analysis.floor import spectrum_with_noise
 from svdrank.analysis.resume import ResultsLog, open_results_log, run_header
-
-# alike_key and needed_complete are re-exported: extraction's one pass hints as the runners do.
 from svdrank.analysis.runners import LayerSteps, Runner, runner_for, two_waves
-from svdrank.analysis.runners import alike_key as alike_key
-from svdrank.analysis.runners import needed_complete as needed_complete
 from svdrank.errors import SvdrankWarning, UsageError
 from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
