@@ -85,7 +85,8 @@ def spectrum_with_noise(
     expect_slow : bool
         The ``auto`` engine's hint (see :func:`svdrank.spectra.engines.decompose`).
     kernels : Kernels
-        Where the spectrum is computed; the noise floor is computed on the host.
+        Where the spectrum is computed; the noise floor is computed on the host
+        (the full estimate from a host copy of ΔW when it was formed on a device).
 
     Returns
     -------
@@ -114,20 +115,20 @@ def spectrum_with_noise(
     if noisy or (settings.noise == "full" and formed.total_energy > 0.0):
         floor = _full_floor(layer, formed, rounding, floor_rng)
         found = spectrum(floor.threshold)
-        return found, _estimated(rounding, floor, found, formed.delta.size)
+        return found, _estimated(rounding, floor, found, formed.size)
     bracket = _bracket(rounding, rounding.bounds, layer.shape)
     found = spectrum(bracket.low or None)
     if _bracket_answers(found, bracket, min(layer.shape)):
-        return found, _bounded(rounding, bracket, found, formed.delta.size)
+        return found, _bounded(rounding, bracket, found, formed.size)
     variance = layer_variance(layer, rounding.grids)
     profile = variance_profile(variance, rounding.roundings)
     exact = _bracket(rounding, profile, layer.shape)
     if _bracket_answers(found, exact, min(layer.shape)):
-        return found, _bounded(rounding, exact, found, formed.delta.size)
+        return found, _bounded(rounding, exact, found, formed.size)
     floor = noise_floor(
-        formed.delta, variance, floor_rng, roundings=rounding.roundings, profile=profile
+        formed.host_delta(), variance, floor_rng, roundings=rounding.roundings, profile=profile
     )
-    return found, _estimated(rounding, floor, found, formed.delta.size)
+    return found, _estimated(rounding, floor, found, formed.size)
 
 
 def _bracket(rounding: Rounding, bounds: ProfileBounds, shape: tuple[int, int]) -> _Bracket:
@@ -149,7 +150,7 @@ def _full_floor(
 ) -> NoiseFloor:
     """Estimate τ from simulated and sign-flip draws (re-reads the layer for its variance)."""
     variance = layer_variance(layer, rounding.grids)
-    return noise_floor(formed.delta, variance, rng, roundings=rounding.roundings)
+    return noise_floor(formed.host_delta(), variance, rng, roundings=rounding.roundings)
 
 
 def _bracket_answers(spectrum: Spectrum, bracket: _Bracket, size: int) -> bool:

@@ -106,8 +106,9 @@ def analyze(
         Where the spectra are computed (see
         :func:`svdrank.spectra.devices.kernels_for`): ``cpu`` NumPy and SciPy,
         ``cuda`` torch on a CUDA GPU, ``auto`` cuda when there is one.
-        ΔW is formed on the host and the noise floor computed there. With a
-        ``cluster``, resolved on each worker (each uses its own GPU).
+        With torch, ΔW is formed on the device from the stored bytes; the
+        noise floor is estimated on the host. With a ``cluster``, resolved on
+        each worker (each uses its own GPU).
     cluster : str, optional
         Compute the layers on a Dask cluster (``pip install 'svdrank[cluster]'``):
         a scheduler's address (``tcp://host:8786``) or ``local:N`` for N worker

@@ -23,11 +23,18 @@ from typing import Protocol
 
 from svdrank.analysis.delta import FormedDelta
 from svdrank.errors import UsageError
-from svdrank.spectra.devices import Kernels, kernels_for
+from svdrank.spectra.devices import HOST, Kernels, kernels_for
 from svdrank.types import AnalysisSettings, Layer, LayerResult, Spectrum
 
 AnalyzeLayer = Callable[[Layer, FormedDelta, int, AnalysisSettings, Kernels, bool], LayerResult]
 """Decompose one formed layer: (layer, formed, index, settings, kernels, expect_slow) → result."""
+
+
+class FormLayer(Protocol):
+    """Form one layer's ΔW for the kernels that will decompose it (on their device)."""
+
+    def __call__(self, layer: Layer, noise: bool, kernels: Kernels = HOST) -> FormedDelta:
+        """Return the layer's ΔW with its sums (see :func:`svdrank.analysis.delta.form_delta`)."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +44,14 @@ class LayerSteps:
     Attributes
     ----------
     form : callable
-        ``form(layer, noise)``: the layer's :class:`~svdrank.analysis.delta.FormedDelta`.
+        ``form(layer, noise, kernels)``: the layer's
+        :class:`~svdrank.analysis.delta.FormedDelta`, formed where ``kernels``
+        run (see :class:`FormLayer`).
     analyze : callable
         Decomposes the formed layer (see :data:`AnalyzeLayer`).
     """
 
-    form: Callable[[Layer, bool], FormedDelta]
+    form: FormLayer
     analyze: AnalyzeLayer
 
 _Key = tuple[str, str, tuple[int, int]]
@@ -177,7 +186,8 @@ class ThreadRunner:
 
     At most ``workers`` updates are being decomposed and one more is being
     formed (the reader forms the next while workers decompose), so memory
-    holds ``workers + 1`` layers' ΔW at the most. The second wave runs
+    holds ``workers + 1`` layers' ΔW at the most: the device's memory, for
+    torch kernels (ΔW is formed there). The second wave runs
     ``workers`` layers at once whatever their kind, each waiting in its worker
     for its probe if that is still running.
 
@@ -225,7 +235,7 @@ class ThreadRunner:
         outcomes: dict[int, Future[LayerResult] | LayerResult] = dict(waves.known)
         order = waves.order
         try:
-            next_read = reader.submit(steps.form, layers[order[0]], noisy)
+            next_read = reader.submit(steps.form, layers[order[0]], noisy, self.kernels)
             for position, index in enumerate(order):
                 formed = next_read.result()
                 while len(running) == self.workers:
@@ -244,7 +254,7 @@ class ThreadRunner:
                 del formed
                 if position + 1 < len(order):
                     next_read = reader.submit(
-                        steps.form, layers[order[position + 1]], noisy
+                        steps.form, layers[order[position + 1]], noisy, self.kernels
                     )
             while running:
                 yield from _finished(running)

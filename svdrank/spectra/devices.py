@@ -41,8 +41,8 @@ class Kernels(Protocol):
     device: str
     """The device's name, as ``--device`` resolved it."""
 
-    def place(self, delta: np.ndarray) -> Any:
-        """Return ΔW on the device (no copy where it already is)."""
+    def place(self, delta: Any) -> Any:
+        """Return ΔW on the device (no copy where it already is: formed there, say)."""
 
     def exact_values(self, matrix: Any) -> np.ndarray:
         """Return every singular value (an SVD, values only)."""

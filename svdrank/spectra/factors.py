@@ -365,12 +365,18 @@ def residual_energy(delta: np.ndarray, b: np.ndarray, a: np.ndarray, scale: floa
 
 
 def _block_residual(delta: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:
-    """‖ΔW − B·A‖_F² of a block of rows, B widened to ΔW's dtype (A is scaled, Fortran order)."""
+    """‖ΔW − B·A‖_F² of a block of rows, B widened to ΔW's dtype (A is scaled, Fortran order).
+
+    The product is taken as (Aᵀ·Bᵀ)ᵀ so that it comes out of BLAS in ΔW's row
+    order: the subtraction then reads both in memory order (against B·A's
+    column order, strided, it cost as much as the product itself).
+    """
     if not b.size:
         return sum_of_squares(delta)
-    difference = times(np.ascontiguousarray(b, dtype=delta.dtype), a)
+    widened = np.asarray(b, dtype=delta.dtype)
+    difference = times(a, widened.T, transpose=True).T
     difference -= delta
-    return sum_of_squares(difference.T)  # BLAS's product is Fortran-ordered: read in place
+    return sum_of_squares(difference)
 
 
 def relative_error(residual: float, total: float) -> float:

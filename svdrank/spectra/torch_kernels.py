@@ -9,10 +9,13 @@ device, so a seed gives the same sketch as the NumPy kernels: the values then
 differ by rounding only (float32: a few ε·σ₁), and so do the ranks read from
 them only where an energy sum falls within that rounding of a target.
 
-Known limitation: ΔW is formed on the host (the stored BF16/F16/F8 values
-widened to float32 there) and copied to the device whole; the device runs
-the decomposition only. The storage-noise floor
-(:mod:`svdrank.spectra.noise`) stays on the host too.
+ΔW arrives here already on the device: the analysis copies each layer's
+stored bytes there (BF16 and F16 as 16-bit words, F8 as bytes) and widens and
+subtracts them there (:mod:`svdrank.analysis.device_delta`), so :meth:`place`
+returns it as it is; an ndarray (a ΔW formed on the host) is copied over
+whole. The storage-noise floor's full estimate
+(:mod:`svdrank.spectra.noise`) runs on the host, from a copy of ΔW brought
+back for the layers that need it.
 
 This module imports torch: :func:`svdrank.spectra.devices.kernels_for`
 imports it only when a torch device is chosen.
@@ -43,11 +46,16 @@ class TorchKernels:
 
     def __init__(self, device: str) -> None:
         self.device = "torch-cpu" if device == "cpu" else device
-        self._device = torch.device(device)
+        self.torch_device = torch.device(device)
 
-    def place(self, delta: np.ndarray) -> torch.Tensor:
-        """Return ΔW as a tensor on the device (shares the host memory on ``cpu``)."""
-        return torch.from_numpy(delta).to(self._device)
+    def place(self, delta: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Return ΔW as a tensor on the device: as it is when it is one there already.
+
+        An ndarray is copied over (its memory shared on ``cpu``).
+        """
+        if isinstance(delta, torch.Tensor):
+            return delta.to(self.torch_device)
+        return torch.from_numpy(delta).to(self.torch_device)
 
     def exact_values(self, matrix: torch.Tensor) -> np.ndarray:
         """Return every singular value by ``torch.linalg.svdvals`` (accuracy as gesdd)."""
@@ -87,7 +95,7 @@ class TorchKernels:
         Cost: 2·power_iters + 1 products with an n×width block.
         """
         drawn = rng.standard_normal((matrix.shape[1], width), dtype=_numpy_dtype(matrix))
-        sketch = torch.from_numpy(drawn).to(self._device)
+        sketch = torch.from_numpy(drawn).to(self.torch_device)
         block = _project_out(matrix @ sketch, basis)
         iterates = []
         for _ in range(power_iters):
