@@ -214,7 +214,7 @@ def factor_update(
     if svd.method in ("randomized", "gram") and _excess(total, svd.kept_energy, optimal):
         svd = exact_svd(delta, job.rank)
         optimal = _optimal_energy(svd, job, total)
-    cast = cast_factors(svd, job.scale, settings.dtype, job.layer.name)
+    cast = cast_factors(svd, job.scale, settings.dtype, job.layer.name, overwrite=True)
     del svd  # the residual is the peak of memory: only ΔW and the stored factors stay
     return measure_stored(cast, delta, total, optimal, job.scale)
 
@@ -316,15 +316,21 @@ def store(
     return measure_stored(cast, delta, total, optimal, scale, residual)
 
 
-def cast_factors(svd: TruncatedSvd, scale: float, dtype: str, name: str) -> CastFactors:
+def cast_factors(
+    svd: TruncatedSvd, scale: float, dtype: str, name: str, *, overwrite: bool = False
+) -> CastFactors:
     """Split an SVD into balanced factors for scale ``s`` and cast them to ``dtype``.
+
+    With ``overwrite`` the SVD's vectors are scaled in place into the factors
+    (see :func:`~svdrank.spectra.factors.lora_factors`): one layer's factors
+    fewer in memory, for a caller that drops the SVD after.
 
     Raises
     ------
     NumericalError
         If a factor overflows ``dtype`` (F16's largest number is 65504).
     """
-    b, a = lora_factors(svd, scale)
+    b, a = lora_factors(svd, scale, overwrite=overwrite)
     stored_b, stored_a = _cast(b, dtype, name), _cast(a, dtype, name)
     underflows = _underflows(b, dtype) + _underflows(a, dtype)
     return CastFactors(stored_b, stored_a, underflows, svd.kept_energy, svd.method)
@@ -357,7 +363,7 @@ def measure_stored(
 def _cast(factor: np.ndarray, dtype: str, name: str) -> np.ndarray:
     """Round a factor to the storage dtype (to nearest), refusing an overflow."""
     with np.errstate(over="ignore"):
-        stored = factor.astype(DTYPES[dtype])
+        stored = factor.astype(DTYPES[dtype], copy=False)
     if not np.all(np.isfinite(stored)):
         raise NumericalError(
             f"layer {name}: a LoRA factor overflows {dtype}; use --dtype fp32 or bf16"

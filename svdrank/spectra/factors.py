@@ -313,7 +313,9 @@ def sketch_svd(delta: np.ndarray, sketch: Sketch, rank: int) -> TruncatedSvd:
     return TruncatedSvd(far.T, values, near.T, "randomized")
 
 
-def lora_factors(svd: TruncatedSvd, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def lora_factors(
+    svd: TruncatedSvd, scale: float, *, overwrite: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Split a truncated SVD into LoRA factors with scale·B·A = U_r·Σ_r·V_rᵀ.
 
     B = U_r·√(Σ_r/s) and A = √(Σ_r/s)·V_rᵀ: both factors carry the same
@@ -324,6 +326,9 @@ def lora_factors(svd: TruncatedSvd, scale: float) -> tuple[np.ndarray, np.ndarra
     svd : TruncatedSvd
     scale : float
         The LoRA scale s > 0 the loader multiplies B·A by (α/r in PEFT).
+    overwrite : bool
+        Scale the SVD's own vectors into the factors (no copies: the SVD's
+        vectors are the factors afterwards, for a caller done with them).
 
     Returns
     -------
@@ -332,6 +337,11 @@ def lora_factors(svd: TruncatedSvd, scale: float) -> tuple[np.ndarray, np.ndarra
         In the dtype of the SVD's vectors.
     """
     root = np.sqrt(svd.values / scale).astype(svd.left.dtype)
+    if overwrite:
+        return (
+            np.multiply(svd.left, root, out=svd.left),
+            np.multiply(root[:, None], svd.right, out=svd.right),
+        )
     return svd.left * root, root[:, None] * svd.right
 
 
