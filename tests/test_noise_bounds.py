@@ -22,6 +22,8 @@ from svdrank.spectra.energy import rank_at
 from svdrank.spectra.noise import (
     entry_dominates,
     noise_floor,
+    smallest_variance,
+    square_scale,
     threshold_bounds,
     variance_profile,
 )
@@ -211,3 +213,56 @@ def test_the_signal_preset_is_refused_in_one_line_for_layers_without_a_floor(run
     assert run_cli("diff", *encoder, "-o", analysis, "--quiet").exit_code == 0
     result = run_cli("recommend", analysis, "--preset", "signal", "--format", "json")
     assert_one_line_error(result, "no storage noise floor", "energy preset")
+
+
+FORM_STORAGES = {
+    "bf16": (ml_dtypes.bfloat16, ml_dtypes.bfloat16),
+    "f16": (np.float16, np.float16),
+    "f8": (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fn),
+    "f16 base, bf16 tuned": (np.float16, ml_dtypes.bfloat16),
+    "f32 base, bf16 tuned": (np.float32, ml_dtypes.bfloat16),
+    "f64 base, bf16 tuned": (np.float64, ml_dtypes.bfloat16),
+}
+"""Storage pairs whose ΔW and profile the host forms from widened blocks."""
+PROFILE_RTOL = 1e-5
+"""The host sums each block's rows and columns in float32 (BLAS products with ones): a sum
+of n ≤ 1000 positive terms errs by at most ~n·2⁻²⁴ ≈ 6e-5 relative, typically √n·2⁻²⁴."""
+
+
+@pytest.mark.parametrize("storage", sorted(FORM_STORAGES))
+@pytest.mark.parametrize("shape", [(300, 170), (40, 1000)])
+def test_the_host_forms_delta_and_its_profile_as_a_float64_reference(tmp_path, storage, shape):
+    rng = np.random.default_rng(len(storage) + shape[0])
+    base_type, tuned_type = FORM_STORAGES[storage]
+    scale = 2.0 if base_type is ml_dtypes.float8_e4m3fn else 0.02
+    weight = scale * rng.standard_normal(shape).astype(np.float32)
+    base = weight.astype(base_type)
+    tuned = (weight + 0.1 * scale * rng.standard_normal(shape)).astype(tuned_type)
+    tuned[:3] = base[:3].astype(tuned_type)  # unchanged rows
+    layer = _layer(tmp_path, base, tuned)
+    formed = form_delta(layer, noise=True)
+
+    wide = np.float64 if base_type is np.float64 else np.float32
+    reference = np.subtract(tuned.astype(wide), base.astype(wide), dtype=wide)
+    assert formed.delta.dtype == wide and formed.delta.tobytes() == reference.tobytes()
+    rounding = formed.rounding
+    assert rounding.unchanged == int(np.sum(tuned.astype(np.float64) == base.astype(np.float64)))
+    bound = np.zeros(shape)
+    for grid, side in zip(rounding.grids, (base, tuned), strict=True):
+        if grid in ("BF16", "F16", "F8_E4M3"):
+            bound += square_scale(grid) * side.astype(np.float64) ** 2 + smallest_variance(grid)
+    sums = rounding.bounds
+    np.testing.assert_allclose(
+        (sums.energy, sums.row_max, sums.column_max, sums.entry_max),
+        (bound.sum(), bound.sum(axis=1).max(), bound.sum(axis=0).max(), bound.max()),
+        rtol=PROFILE_RTOL,
+    )
+
+
+def test_a_sign_flip_of_a_zero_is_no_change(tmp_path):
+    base = np.zeros((4, 100), dtype=ml_dtypes.bfloat16)
+    tuned = base.copy()
+    tuned[0, :10] = -0.0
+    tuned[1, :5] = 1.0
+    formed = form_delta(_layer(tmp_path, base, tuned), noise=True)
+    assert formed.rounding.unchanged == 400 - 5
