@@ -519,6 +519,7 @@ def extract(
     oversample: options.DiffOversample = 10,
     power_iters: options.DiffPowerIters = 2,
     noise: options.ExtractNoise = options.Noise["auto"],
+    cluster: options.ExtractCluster = None,
     output_format: options.ExtractOutputFormat = None,
     quiet: options.DiffQuiet = False,
 ) -> None:
@@ -526,6 +527,7 @@ def extract(
 
     Rules that decide each layer alone read the pair once; --budget, --budget-ratio, --ranks
     and --uniform-alpha analyse the whole pair first, then read it again for the factors.
+    With --cluster, the layers are read, analysed and factored on a Dask cluster's workers.
 
     Given a PEFT LoRA adapter directory alone, re-factor it at the ranks asked for instead
     (from each module's exact r×r core).
@@ -564,6 +566,7 @@ def extract(
             oversample=oversample,
             power_iters=power_iters,
             noise=_value(noise),
+            cluster=cluster,
             progress=progress,
         )
     for line in say_left_out(result.left_out):

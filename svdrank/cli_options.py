@@ -173,13 +173,26 @@ DiffDevice = Annotated[
         "cpu; torch-cpu: the cuda code on the CPU (for testing). Same ranks on every device.",
     ),
 ]
+CLUSTER_HELP = (
+    "Compute the layers on a Dask cluster (pip install 'svdrank[cluster]'): a "
+    "scheduler's address (tcp://host:8786), whose workers read the checkpoints at the same "
+    "paths; or local:N, N worker processes on this machine started for the run. One layer "
+    "per worker thread"
+)
 DiffCluster = Annotated[
     str | None,
     typer.Option(
-        help="Compute the layers on a Dask cluster (pip install 'svdrank[cluster]'): a "
-        "scheduler's address (tcp://host:8786), whose workers read the checkpoints at the same "
-        "paths; or local:N, N worker processes on this machine started for the run. One layer "
-        "per worker thread; --workers does not apply. Same analysis as a local run.",
+        help=f"{CLUSTER_HELP}; --workers does not apply. Same analysis as a local run.",
+        metavar="ADDRESS",
+        show_default=False,
+    ),
+]
+ExtractCluster = Annotated[
+    str | None,
+    typer.Option(
+        help=f"{CLUSTER_HELP}: each worker reads, analyses and factors its layers and sends "
+        "back only their factors. Same adapter as a local run. Not for resizing an adapter "
+        "(that is local and cheap).",
         metavar="ADDRESS",
         show_default=False,
     ),

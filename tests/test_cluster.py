@@ -24,6 +24,7 @@ from svdrank.analysis.delta import form_delta
 from svdrank.analysis.resume import ResultsLog
 from svdrank.errors import CheckpointError
 from svdrank.inputs.checkpoint import header_sha256
+from svdrank.spectra.devices import HOST
 from tests.conftest import (
     DECAYS,
     SAMPLES,
@@ -302,11 +303,11 @@ def test_cluster_options_that_cannot_work_are_one_line(
 DOOMED = "model.layers.2.self_attn.k_proj"
 
 
-def _die_on_one_layer(layer, noise):
+def _die_on_one_layer(layer, noise, kernels=HOST):
     """Form ΔW, except for DOOMED: its worker process dies there (as one out of memory does)."""
     if layer.module == DOOMED:
         os._exit(1)
-    return form_delta(layer, noise)
+    return form_delta(layer, noise, kernels)
 
 
 def _allow_failures(count, dask_scheduler=None):

@@ -14,6 +14,11 @@ was kept there); a layer whose workers die ``allowed-failures`` times over
 (Dask's default: 3), most likely for want of memory, stops the run with one
 line. An error in a layer stops the run and cancels the tasks left.
 
+Extraction's tasks (:mod:`svdrank.analysis.extract_cluster`) run through
+the same :class:`DaskRunner`: one pass in the same two waves
+(:meth:`DaskRunner.in_waves`), the factors of a whole analysis all at once
+(:meth:`DaskRunner.each`).
+
 Dask is an optional extra (``pip install 'svdrank[cluster]'``) and is
 imported only here.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -213,6 +218,11 @@ class DaskRunner:
         self.device = device
         self.distributed = distributed
 
+    @property
+    def address(self) -> str:
+        """The scheduler's address: another client of the same cluster connects there."""
+        return str(self.client.scheduler.address)
+
     def results(
         self,
         layers: Sequence[Layer],
@@ -247,39 +257,110 @@ class DaskRunner:
         CheckpointError, NumericalError
             As a local run, from the worker that met them.
         """
-        tasks: dict[int, Any] = {}
+
+        def task(layer: Layer, index: int) -> Callable[..., LayerResult]:
+            return functools.partial(compute_layer, steps, layer, index, settings, self.device)
+
+        return self.in_waves(layers, waves, task)
+
+    def in_waves(
+        self,
+        layers: Sequence[Layer],
+        waves: Waves,
+        task: Callable[[Layer, int], Callable[..., Any]],
+        hint: Callable[[Any], LayerResult] | None = None,
+    ) -> Iterator[tuple[int, Any]]:
+        """Run ``task(layer, index)(probe)`` for each layer of ``waves``; yield each outcome.
+
+        ``layer`` has absolute paths; ``probe`` is None for a probe, else its
+        probe's outcome once computed (a dependency: Dask starts the task
+        after it), the result a resumed run had, or, with ``hint``, a task of
+        its own that keeps only the LayerResult of the probe's outcome (so only
+        that travels to the other layers' workers).
+
+        Parameters
+        ----------
+        layers : sequence of Layer
+            Every layer of the run, in order.
+        waves : Waves
+            Which to compute, probes first, each hinted by which probe.
+        task : callable
+            Makes a layer's task body, called on a worker with its probe.
+        hint : callable, optional
+            The probe's LayerResult from its outcome.
+
+        Yields
+        ------
+        tuple of (int, object)
+            ``(index, outcome)`` as each task finishes, in any order; each
+            outcome leaves the cluster once here. Leaving early (an error,
+            Ctrl-C) cancels the tasks left.
+
+        Raises
+        ------
+        UsageError
+            When a layer's workers kept dying (most likely for want of memory).
+        SvdrankError
+            As a local run, from the worker that met it.
+        """
         run = uuid4().hex[:8]
+        tasks: dict[int, Any] = {}
+        handed: dict[int, Any] = dict(waves.known)
+        hints: dict[int, Any] = {}
         try:
             for index in waves.order:
-                probe_index = waves.probe_of[index]
-                probe = (
-                    None
-                    if probe_index is None
-                    else waves.known.get(probe_index, tasks.get(probe_index))
-                )
-                tasks[index] = self.client.submit(
-                    compute_layer,
-                    steps,
-                    _absolute(layers[index]),
-                    index,
-                    settings,
-                    self.device,
-                    probe,
-                    key=f"svdrank-layer-{index}-{run}",
-                    pure=False,
-                )
-            indices = {task.key: index for index, task in tasks.items()}
-            finished = self.distributed.as_completed(list(tasks.values()), loop=self.client.loop)
-            for task in finished:
-                index = indices[task.key]
-                yield index, self._result(task, layers[index])
+                probe = waves.probe_of[index]
+                body = task(_absolute(layers[index]), index)
+                given = None if probe is None else handed[probe]
+                tasks[index] = self._submit(body, f"layer-{index}-{run}", given)
+                if probe is None and hint is not None:
+                    hints[index] = self._submit(hint, f"hint-{index}-{run}", tasks[index])
+                if probe is None:
+                    handed[index] = hints.get(index, tasks[index])
+            yield from self._finished(tasks, layers)
+        finally:
+            self.client.cancel([*tasks.values(), *hints.values()])
+
+    def each(
+        self,
+        layers: Sequence[Layer],
+        task: Callable[[Layer, int], Callable[..., Any]],
+        name: str,
+    ) -> Iterator[tuple[int, Any]]:
+        """Run ``task(layer, index)()`` for every layer at once; yield each outcome as it finishes.
+
+        As :meth:`in_waves` for layers that depend on none other (``layer``
+        has absolute paths; outcomes leave the cluster once here; leaving
+        early cancels the rest). The tasks' keys start ``svdrank-{name}-``.
+        """
+        run = uuid4().hex[:8]
+        tasks: dict[int, Any] = {}
+        try:
+            for index, layer in enumerate(layers):
+                tasks[index] = self._submit(task(_absolute(layer), index), f"{name}-{index}-{run}")
+            yield from self._finished(tasks, layers)
         finally:
             self.client.cancel(list(tasks.values()))
 
-    def _result(self, task: Any, layer: Layer) -> LayerResult:
-        """Return a finished task's result; a layer that kept killing its workers is one line."""
+    def _submit(self, body: Callable[..., Any], key: str, *args: Any) -> Any:
+        """Submit one task under an svdrank key (never merged with another run's)."""
+        return self.client.submit(body, *args, key=f"svdrank-{key}", pure=False)
+
+    def _finished(
+        self, tasks: dict[int, Any], layers: Sequence[Layer]
+    ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, outcome)`` of each task as it finishes, releasing it from ``tasks``."""
+        indices = {task.key: index for index, task in tasks.items()}
+        for task in self.distributed.as_completed(list(tasks.values()), loop=self.client.loop):
+            index = indices[task.key]
+            outcome = self._result(task, layers[index])
+            del tasks[index], task
+            yield index, outcome
+
+    def _result(self, task: Any, layer: Layer) -> Any:
+        """Return a finished task's outcome; a layer that kept killing its workers is one line."""
         try:
-            result: LayerResult = task.result()
+            return task.result()
         except self.distributed.KilledWorker:
             megabytes = layer.shape[0] * layer.shape[1] * 4 / 1e6
             raise UsageError(
@@ -288,7 +369,6 @@ class DaskRunner:
                 "about 3× that; give the workers more memory (see the README, Running on a "
                 "cluster)"
             ) from None
-        return result
 
 
 def compute_layer(
@@ -300,7 +380,7 @@ def compute_layer(
     probe: LayerResult | None,
 ) -> LayerResult:
     """Form and decompose one layer on a worker, hinted by its probe's result (a task's body)."""
-    formed = steps.form(layer, forms_noise(settings))
+    formed = steps.form(layer, forms_noise(settings), _kernels(device))
     return steps.analyze(layer, formed, index, settings, _kernels(device), hinted(probe))
 
 

@@ -11,6 +11,8 @@ sketch's basis; see :mod:`svdrank.spectra.recording`). The next layer is
 formed while one is worked on, so at most two layers' updates are in memory,
 ``diff``'s bound. The factors are spooled to a temporary file (the weights
 file's header needs every rank first) and handed back in the order asked for.
+A layer's work once formed (:func:`pass_layer`) is also what a cluster's
+task does with it (:mod:`svdrank.analysis.extract_cluster`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-from svdrank.analysis.delta import form_delta, layer_bytes
+from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
 from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_update
 from svdrank.analysis.pipeline import analyze_layer
-from svdrank.analysis.runners import alike_key, hinted
+from svdrank.analysis.runners import alike_key, forms_noise, hinted
 from svdrank.inputs.checkpoint import DTYPES
 from svdrank.spectra.recording import RecordingKernels
 from svdrank.types import AnalysisSettings, Layer, LayerResult, Progress, ProgressUpdate
@@ -84,6 +86,35 @@ class FactorSpool:
         return np.frombuffer(data, dtype=self._dtype).reshape(shape)
 
 
+@dataclass(frozen=True)
+class PassSteps:
+    """What one pass does to a formed layer: analyse it, rank it by a rule, factor it.
+
+    Picklable (for a cluster's workers) when the callables are module-level
+    functions or :func:`functools.partial` of them.
+
+    Attributes
+    ----------
+    settings : AnalysisSettings
+        The analysis's settings; its seed seeds layer i's spectrum with ``[seed, i]``.
+    rank_of : callable
+        A layer's rank from its LayerResult (the rank rule, applied to that layer alone).
+    scale_of : callable
+        The LoRA scale s of a module of rank r.
+    factor_settings : FactorSettings
+        Its seed seeds layer i's factors with ``[seed, i]``.
+    """
+
+    settings: AnalysisSettings
+    rank_of: Callable[[LayerResult], int]
+    scale_of: Callable[[int], float]
+    factor_settings: FactorSettings
+
+
+LayerPass = tuple[LayerResult, int, Factored | None]
+"""A layer's analysis, rank and stored factors (None at rank 0)."""
+
+
 def analyze_and_factor(
     layers: Sequence[Layer],
     settings: AnalysisSettings,
@@ -91,20 +122,15 @@ def analyze_and_factor(
     scale_of: Callable[[int], float],
     factor_settings: FactorSettings,
     progress: Progress | None = None,
-) -> Iterator[tuple[LayerResult, int, Factored | None]]:
+) -> Iterator[LayerPass]:
     """Analyse every layer as ``analyze`` does and factor it at the rank its result gets.
 
     Parameters
     ----------
     layers : sequence of Layer
         In the analysis's order (placed in the model as ``analyze`` places them).
-    settings : AnalysisSettings
-        The analysis's settings; its seed seeds layer i's spectrum and factors with ``[seed, i]``.
-    rank_of : callable
-        A layer's rank from its LayerResult (the rank rule, applied to that layer alone).
-    scale_of : callable
-        The LoRA scale s of a module of rank r.
-    factor_settings : FactorSettings
+    settings, rank_of, scale_of, factor_settings
+        As in :class:`PassSteps`.
     progress : callable, optional
         Told after each layer (bytes are those read from both checkpoints).
 
@@ -121,7 +147,8 @@ def analyze_and_factor(
     """
     if not layers:
         return
-    noisy = settings.noise != "off"
+    steps = PassSteps(settings, rank_of, scale_of, factor_settings)
+    noisy = forms_noise(settings)
     probes: dict[tuple[str, str, tuple[int, int]], int] = {}
     results: list[LayerResult] = []
     total_bytes = sum(layer_bytes(layer) for layer in layers)
@@ -135,19 +162,27 @@ def analyze_and_factor(
                 next_read = reader.submit(form_delta, layers[index + 1], noisy)
             probe = probes.setdefault(alike_key(layer), index)
             hint = hinted(None if probe == index else results[probe])
-            kernels = RecordingKernels()
-            result = analyze_layer(layer, formed, index, settings, kernels, hint)
+            result, rank, factored = pass_layer(layer, formed, index, steps, hint)
             results.append(result)
-            rank = rank_of(result)
-            factored = None
-            if rank > 0:
-                job = FactorJob(layer, result, rank, scale_of(rank), index)
-                rng = np.random.default_rng([factor_settings.seed, index])
-                factored = factor_update(formed, job, factor_settings, rng, kernels.take_workings())
-            del formed, kernels
+            del formed
             yield result, rank, factored
             done_bytes += layer_bytes(layer)
             if progress is not None:
                 progress(ProgressUpdate(result, index + 1, len(layers), done_bytes, total_bytes))
     finally:
         reader.shutdown(wait=False, cancel_futures=True)
+
+
+def pass_layer(
+    layer: Layer, formed: FormedDelta, index: int, steps: PassSteps, expect_slow: bool
+) -> LayerPass:
+    """Analyse one formed layer, rank it and factor it from the engine's own work on its ΔW."""
+    kernels = RecordingKernels()
+    result = analyze_layer(layer, formed, index, steps.settings, kernels, expect_slow)
+    rank = steps.rank_of(result)
+    if rank == 0:
+        return result, rank, None
+    job = FactorJob(layer, result, rank, steps.scale_of(rank), index)
+    rng = np.random.default_rng([steps.factor_settings.seed, index])
+    workings = kernels.take_workings()
+    return result, rank, factor_update(formed, job, steps.factor_settings, rng, workings)

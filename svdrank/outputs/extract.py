@@ -14,10 +14,11 @@ once (:mod:`svdrank.outputs.extract_passes`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from svdrank.analysis.extract import FactorSettings
 from svdrank.analysis.file import load_analysis
@@ -45,6 +46,9 @@ from svdrank.types import (
     Progress,
     check_choice,
 )
+
+if TYPE_CHECKING:
+    from svdrank.analysis.cluster import DaskRunner
 
 DEFAULT_ADAPTER = Path("svdrank-adapter")
 """The adapter directory ``extract`` writes when none is given."""
@@ -78,6 +82,7 @@ def extract(
     oversample: int = 10,
     power_iters: int = 2,
     noise: str = "auto",
+    cluster: str | None = None,
     progress: Progress | None = None,
 ) -> Extraction:
     """Write a PEFT LoRA adapter that reproduces the update from BASE to TUNED at chosen ranks.
@@ -127,8 +132,17 @@ def extract(
         their signal rank (as ``recommend`` ranks them). ``off``: the raw
         spectra and their ranks. With ``analysis``, the ranks are read from it
         this way.
+    cluster : str, optional
+        Compute the layers on a Dask cluster (``pip install 'svdrank[cluster]'``),
+        as :func:`svdrank.analyze` does: a scheduler's address
+        (``tcp://host:8786``) or ``local:N``. In one pass each layer is analysed,
+        ranked and factored on a worker, which sends back its factors; in two
+        passes the analysis and then the factors are computed there. The
+        adapter is the one a local run writes, byte for byte. Not for
+        resizing an adapter (that is local and cheap).
     progress : callable, optional
-        Told after each layer of each pass over the pair (one or two, see ``analysis``).
+        Told after each layer of each pass over the pair (one or two, see
+        ``analysis``; in the order they finish on a cluster).
 
     Returns
     -------
@@ -138,7 +152,8 @@ def extract(
     ------
     UsageError
         For contradictory or out-of-range options, an analysis of other
-        inputs, or no layer left to adapt.
+        inputs, no layer left to adapt, or a cluster that cannot be used (see
+        :func:`svdrank.analysis.cluster.dask_runner`).
     CheckpointError, PairingError, NumericalError, OutputError
         For unreadable inputs, NaN/Inf in an update or a factor that overflows
         the storage dtype, or an output that cannot be written.
@@ -170,6 +185,11 @@ def extract(
             raise UsageError(
                 f"{base}: give BASE and TUNED checkpoints, or a PEFT adapter directory alone"
             )
+        if cluster is not None:
+            raise UsageError(
+                "--cluster does not apply to resizing an adapter: each module is re-factored "
+                "here from its small r×r core, cheaply"
+            )
         from svdrank.outputs.resize import resize_adapter
 
         return resize_adapter(base, Path(output), storage, rule_options, include, exclude)
@@ -177,21 +197,37 @@ def extract(
     options = AnalysisOptions(include, exclude, seed, _max_energy(preset, energy), noise)
     factoring = FactorSettings(oversample=oversample, power_iters=power_iters, seed=seed)
     write = AdapterOutput(Path(output), base, model_config_path(tuned) or model_config_path(base))
-    if analysis is None and per_layer_rule(rule_options, storage):
-        settings = AnalysisSettings(
-            engine=EngineSettings(max_energy=options.max_energy),
-            seed=seed,
-            include=tuple(include),
-            exclude=tuple(exclude),
-            noise=noise,
+    with _runner(cluster, checkpoints) as runner:
+        if analysis is None and per_layer_rule(rule_options, storage):
+            settings = AnalysisSettings(
+                engine=EngineSettings(max_energy=options.max_energy),
+                seed=seed,
+                include=tuple(include),
+                exclude=tuple(exclude),
+                noise=noise,
+            )
+            return extract_in_one_pass(
+                checkpoints, settings, rule_options, storage, factoring, write, progress, runner
+            )
+        loaded = _analysis(analysis, checkpoints, options, progress, runner)
+        return extract_in_two_passes(
+            checkpoints, loaded, rule_options, storage, factoring, write, progress, runner
         )
-        return extract_in_one_pass(
-            checkpoints, settings, rule_options, storage, factoring, write, progress
-        )
-    loaded = _analysis(analysis, checkpoints, options, progress)
-    return extract_in_two_passes(
-        checkpoints, loaded, rule_options, storage, factoring, write, progress
-    )
+
+
+@contextmanager
+def _runner(
+    cluster: str | None, checkpoints: tuple[Checkpoint, Checkpoint]
+) -> Iterator[DaskRunner | None]:
+    """Connect to the cluster (checking its workers see the pair), or yield None for a local run."""
+    if cluster is None:
+        yield None
+        return
+    from svdrank.analysis.cluster import dask_runner
+
+    files = (*checkpoints[0].files, *checkpoints[1].files)
+    with dask_runner(cluster, "cpu", files) as runner:
+        yield runner
 
 
 @dataclass(frozen=True)
@@ -210,8 +246,9 @@ def _analysis(
     checkpoints: tuple[Checkpoint, Checkpoint],
     options: AnalysisOptions,
     progress: Progress | None,
+    runner: DaskRunner | None,
 ) -> Analysis:
-    """Analyse the pair, or load the given analysis after checking it is of the same pair."""
+    """Analyse the pair (on the runner's cluster), or load the given analysis of the same pair."""
     if given is None:
         return analyze(
             checkpoints[0].path,
@@ -221,6 +258,7 @@ def _analysis(
             include=options.include,
             exclude=options.exclude,
             noise=options.noise,
+            cluster=None if runner is None else runner.address,
             progress=progress,
         )
     if options.include or options.exclude:

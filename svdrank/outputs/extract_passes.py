@@ -8,19 +8,26 @@ layers, a PEFT rank config's short target names expand against the whole
 analysis, and a uniform alpha scales every module by the largest rank: those
 need every spectrum first, so the whole analysis comes first and a second
 pass forms each ΔW again for its factors. Both write the same adapter.
+
+Given a runner (``extract --cluster``), the same passes run as tasks on a
+Dask cluster (:mod:`svdrank.analysis.extract_cluster`), and give the same
+adapter again.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_layers
-from svdrank.analysis.extract_pass import FactorSpool, analyze_and_factor
+from svdrank.analysis.extract_cluster import factors_on, passes_on
+from svdrank.analysis.extract_pass import FactorSpool, LayerPass, PassSteps, analyze_and_factor
 from svdrank.analysis.pipeline import place_in_model
 from svdrank.errors import SvdrankWarning
 from svdrank.inputs.checkpoint import Checkpoint, describe_input
@@ -44,7 +51,19 @@ from svdrank.outputs.extract_plan import (
     placed_modules,
     ranks_by_module,
 )
-from svdrank.types import Analysis, AnalysisSettings, Extraction, LayerResult, LeftOut, Progress
+from svdrank.types import (
+    Analysis,
+    AnalysisSettings,
+    Extraction,
+    Layer,
+    LayerResult,
+    LeftOut,
+    ModelInfo,
+    Progress,
+)
+
+if TYPE_CHECKING:
+    from svdrank.analysis.cluster import DaskRunner
 
 SIDES = ("base", "tuned")
 WHOLE_ANALYSIS_RULES = ("budget", "budget_ratio", "ranks")
@@ -96,43 +115,77 @@ def extract_in_one_pass(
     factoring: FactorSettings,
     write: AdapterOutput,
     progress: Progress | None,
+    runner: DaskRunner | None = None,
 ) -> Extraction:
     """Analyse, rank and factor each layer from one reading of its ΔW, then write the adapter.
 
     The analysis is the one :func:`svdrank.analyze` gives with ``settings``;
     each layer's rank is the rule's on that layer alone; the factors wait in
-    a temporary file until every rank is known.
+    a temporary file until every rank is known. With a ``runner``, each
+    layer's pass is a task on its cluster, the same pass with the same seeds.
     """
     pairing = pair_checkpoints(*checkpoints, settings.include, settings.exclude, False)
     factor_settings = _factor_settings(checkpoints, pairing, storage, factoring)
     model, layers = place_in_model(pairing.layers, checkpoints[1], checkpoints[0])
-    rules_used: list[str] = []
-
-    def rank_of(result: LayerResult) -> int:
-        alone = Analysis(inputs={}, settings=settings, layers=(result,), skipped=(), model=model)
-        chosen, rule = ranks_by_module(alone, **rule_options)
-        rules_used.append(rule)
-        return chosen[result.module]
-
-    def scale_of(rank: int) -> float:
-        return alpha_of(rank, rank, storage.alpha_ratio, uniform_alpha=False) / rank
-
-    chosen, results = {}, []
-    passes = analyze_and_factor(layers, settings, rank_of, scale_of, factor_settings, progress)
+    steps = PassSteps(
+        settings,
+        partial(rank_alone, settings, model, rule_options),
+        partial(scale_alone, storage.alpha_ratio),
+        factor_settings,
+    )
+    chosen, results = {}, {}
     with FactorSpool(factor_settings.dtype) as spool:
-        for result, rank, factored in passes:
-            results.append(result)
+        for index, (result, rank, factored) in _passes(layers, steps, progress, runner):
+            results[index] = result
             chosen[result.module] = rank
             if factored is not None:
                 spool.add(result.module, factored)
         inputs = {side: describe_input(item) for side, item in zip(SIDES, checkpoints, strict=True)}
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        loaded = Analysis(inputs, settings, tuple(results), pairing.skipped, created, model=model)
+        ordered = tuple(results[index] for index in range(len(layers)))
+        loaded = Analysis(inputs, settings, ordered, pairing.skipped, created, model=model)
         placed, left_out = placed_modules(loaded, chosen, write.model_config)
         modules = adapter_modules(placed, storage)
         stored = (spool.read(item.result.module) for item in placed)
+        rule = ranks_by_module(_alone(settings, model, ordered[0]), **rule_options)[1]
         dtype = factor_settings.dtype
-        return write(loaded, placed, left_out, modules, storage, stored, rules_used[0], dtype)
+        return write(loaded, placed, left_out, modules, storage, stored, rule, dtype)
+
+
+def _passes(
+    layers: Sequence[Layer],
+    steps: PassSteps,
+    progress: Progress | None,
+    runner: DaskRunner | None,
+) -> Iterator[tuple[int, LayerPass]]:
+    """Yield each layer's pass with its index: in order here, as they finish on a cluster."""
+    if runner is not None:
+        return passes_on(runner, layers, steps, progress)
+    passes = analyze_and_factor(
+        layers, steps.settings, steps.rank_of, steps.scale_of, steps.factor_settings, progress
+    )
+    return enumerate(passes)
+
+
+def rank_alone(
+    settings: AnalysisSettings,
+    model: ModelInfo | None,
+    rule_options: dict[str, Any],
+    result: LayerResult,
+) -> int:
+    """Return a layer's rank under a rule that ranks each layer alone (picklable as a partial)."""
+    chosen, _ = ranks_by_module(_alone(settings, model, result), **rule_options)
+    return chosen[result.module]
+
+
+def scale_alone(alpha_ratio: float, rank: int) -> float:
+    """Return the LoRA scale s of a module of rank r with its own alpha (alpha_ratio·r)."""
+    return alpha_of(rank, rank, alpha_ratio, uniform_alpha=False) / rank
+
+
+def _alone(settings: AnalysisSettings, model: ModelInfo | None, result: LayerResult) -> Analysis:
+    """Make an analysis of one layer, for the rank rules."""
+    return Analysis(inputs={}, settings=settings, layers=(result,), skipped=(), model=model)
 
 
 def extract_in_two_passes(
@@ -143,8 +196,12 @@ def extract_in_two_passes(
     factoring: FactorSettings,
     write: AdapterOutput,
     progress: Progress | None,
+    runner: DaskRunner | None = None,
 ) -> Extraction:
-    """Rank every layer from the whole analysis, then form each ΔW again for its factors."""
+    """Rank every layer from the whole analysis, then form each ΔW again for its factors.
+
+    With a ``runner``, each layer's factors are a task on its cluster.
+    """
     chosen, rule = ranks_by_module(analysis, **rule_options)
     selection = analysis.settings
     pairing = pair_checkpoints(
@@ -165,9 +222,24 @@ def extract_in_two_passes(
         )
         for item, module in zip(placed, modules, strict=True)
     ]
-    factored = factor_layers(jobs, factor_settings, progress)
     dtype = factor_settings.dtype
-    return write(analysis, placed, left_out, modules, storage, factored, rule, dtype)
+    with _factors(jobs, factor_settings, progress, runner) as factored:
+        return write(analysis, placed, left_out, modules, storage, factored, rule, dtype)
+
+
+@contextmanager
+def _factors(
+    jobs: Sequence[FactorJob],
+    settings: FactorSettings,
+    progress: Progress | None,
+    runner: DaskRunner | None,
+) -> Iterator[Iterable[Factored]]:
+    """Yield the jobs' factors in order: computed as the writer asks, or first on a cluster."""
+    if runner is None:
+        yield factor_layers(jobs, settings, progress)
+        return
+    with factors_on(runner, jobs, settings, progress) as factored:
+        yield factored
 
 
 def _factor_settings(
