@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -24,14 +25,15 @@ from svdrank.spectra.factors import (
     RESIDUAL_CHUNK_BYTES,
     TruncatedSvd,
     exact_svd,
-    gram_svd,
     lora_factors,
     relative_error,
     residual_energy,
     sketch_svd,
     truncated_svd,
+    vectors_svd,
 )
 from svdrank.spectra.recording import Workings
+from svdrank.spectra.tridiagonal import top_eigenvectors
 from svdrank.types import (
     ADAPTER_DTYPES,
     NORMALIZERS,
@@ -199,8 +201,9 @@ def factor_update(
     whenever the analysis's spectrum was exact.
     """
     delta, total = formed.delta, formed.total_energy
-    svd = None if workings is None else reused_svd(delta, job, workings, settings.oversample)
-    del workings  # the engine's reduction or sketch leaves memory once the vectors are out
+    reuse = None if workings is None else reused_svd(delta, job, workings, settings.oversample)
+    del workings  # the engine's reduction leaves memory before the vectors' product is made
+    svd = None if reuse is None else reuse()
     if svd is None:
         svd = truncated_svd(
             delta,
@@ -221,14 +224,15 @@ def factor_update(
 
 def reused_svd(
     delta: np.ndarray, job: FactorJob, workings: Workings, oversample: int
-) -> TruncatedSvd | None:
-    """Return the top triplets from the engine's own work on ΔW, or None where it kept none.
+) -> Callable[[], TruncatedSvd] | None:
+    """Plan the top triplets from the engine's own work on ΔW, or None where it kept none.
 
     A complete Gram spectrum left its tridiagonal reduction: the top r
-    eigenvectors come from it without a second SYRK or reduction. A truncated
-    spectrum left its range finder's basis: when it is at least r + oversample
-    wide, the small SVD of ΔW's projection on it gives the triplets, without
-    a second sketch.
+    eigenvectors come from it now, without a second SYRK or reduction, and
+    the plan holds them, not the reduction (which the caller can drop before
+    the plan's m·n·r product). A truncated spectrum left its range finder's
+    basis: when it is at least r + oversample wide, the small SVD of ΔW's
+    projection on it gives the triplets, without a second sketch.
 
     Parameters
     ----------
@@ -243,14 +247,16 @@ def reused_svd(
 
     Returns
     -------
-    TruncatedSvd or None
+    callable or None
+        Computes the TruncatedSvd when called.
     """
     spectrum = job.result.spectrum
     if spectrum.complete and spectrum.engine == "gram" and workings.reduction is not None:
-        return gram_svd(delta, job.rank, workings.reduction)
+        vectors = top_eigenvectors(workings.reduction, job.rank)[1]
+        return partial(vectors_svd, delta, vectors)
     sketch = workings.sketch
     if not spectrum.complete and sketch is not None and sketch.width >= job.rank + oversample:
-        return sketch_svd(delta, sketch, job.rank)
+        return partial(sketch_svd, delta, sketch, job.rank)
     return None
 
 

@@ -184,5 +184,6 @@ def pass_layer(
         return result, rank, None
     job = FactorJob(layer, result, rank, steps.scale_of(rank), index)
     rng = np.random.default_rng([steps.factor_settings.seed, index])
-    workings = kernels.take_workings()
-    return result, rank, factor_update(formed, job, steps.factor_settings, rng, workings)
+    # Handed over, not kept here: factor_update drops the engine's work once the vectors are out.
+    factored = factor_update(formed, job, steps.factor_settings, rng, kernels.take_workings())
+    return result, rank, factored

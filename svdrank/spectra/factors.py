@@ -146,8 +146,25 @@ def gram_svd(delta: np.ndarray, rank: int, reduction: Tridiagonal | None = None)
     """
     if reduction is None:
         reduction = tridiagonalize(smaller_gram(delta))
-    vectors = top_eigenvectors(reduction, rank)[1]
-    del reduction
+    return vectors_svd(delta, top_eigenvectors(reduction, rank)[1])
+
+
+def vectors_svd(delta: np.ndarray, vectors: np.ndarray) -> TruncatedSvd:
+    """Top triplets from the top eigenvectors V of ΔW's smaller Gram matrix: ΔW·V = U·Σ.
+
+    σᵢ are the norms of ΔW·vᵢ (see :func:`gram_svd`); one product m·n·r.
+
+    Parameters
+    ----------
+    delta : ndarray, shape (m, n), float32 or float64, finite
+    vectors : ndarray, shape (min(m, n), r)
+        Orthonormal eigenvectors of ``smaller_gram(delta)``, largest first.
+
+    Returns
+    -------
+    TruncatedSvd
+        With ``method="gram"``.
+    """
     vectors = np.asarray(vectors, dtype=delta.dtype)
     tall = delta.shape[0] >= delta.shape[1]
     projected = times(delta, vectors, transpose=not tall)
