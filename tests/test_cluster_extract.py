@@ -65,11 +65,12 @@ def _assert_same_adapter(first, second):
 
 
 SUBMITTED = {
-    "one-pass": {"layer": 9, "hint": 3},
+    "one-pass": {"layer": 9},
     "two-pass": {"layer": 9, "factors": 9},
 }
-"""The tasks each route submits: a pass per layer and a hint per probe; or an analysis and
-the factors of every layer (each gets a rank under this budget)."""
+"""The tasks each route submits: a pass per layer (a probe's hint goes to the other layers of
+its group as a plain argument); or an analysis and the factors of every layer (each gets a
+rank under this budget)."""
 
 
 @pytest.mark.parametrize("route", ROUTES)
