@@ -10,10 +10,18 @@ layer in float32 + 200 MB). Both commands run as separate processes,
 interleaved, page cache warm; medians of REPEATS runs. The one-minute load
 average before and after each pair is kept: on a shared machine a ratio
 measured under load is only indicative.
+
+Where the time goes: one more extraction of each TinyLlama pair runs in a
+child process on one BLAS thread under cProfile with a thread-CPU clock,
+which splits its CPU seconds into the analysis ``diff`` makes, forming ΔW,
+the top-r eigenvectors, ΔW·V (m·n·r) and the residual ΔW − s·B·A (m·n·r).
+The two products alone bound the ratio from below: (analysis + forming +
+products) / (analysis + forming), whatever the eigenvectors cost.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -93,18 +101,107 @@ def markdown(record: dict) -> str:
         f"scipy {record['machine']['scipy']}; medians of {record['repeats']}.\n\n"
         + (f"{record['note']}\n\n" if record.get("note") else "")
         + markdown_table(header, rows)
+        + (split_markdown(record["splits"]) if record.get("splits") else "")
+    )
+
+
+STEPS = {
+    "analysis": "svdrank/analysis/pipeline.py:analyze_layer",
+    "forming": "svdrank/analysis/delta.py:form_delta",
+    "eigenvectors": "svdrank/spectra/tridiagonal.py:top_eigenvectors",
+    "product": "svdrank/spectra/factors.py:vectors_svd",
+    "residual": "svdrank/spectra/factors.py:residual_energy",
+}
+"""The steps of a one-pass extraction whose CPU seconds are split out, by function."""
+SIDES = ("base", "tuned")
+"""The pair's files in the scratch folder (``write_pair`` names them so)."""
+SPLIT_PROBE = """
+import cProfile, json, pstats, sys, tempfile, time
+import svdrank
+base, tuned, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+profile = cProfile.Profile(timer=time.thread_time)
+with tempfile.TemporaryDirectory() as out:
+    profile.runcall(svdrank.extract, base, tuned, out + "/adapter")
+stats = pstats.Stats(profile).stats
+seconds = {
+    name: sum(row[3] for (file, _, function), row in stats.items()
+              if file.endswith(where.split(":")[0]) and function == where.split(":")[1])
+    for name, where in steps.items()
+}
+print(json.dumps(seconds))
+"""
+"""Runs one extraction under cProfile (thread CPU time) and prints each step's seconds."""
+
+
+def time_split(base: Path, tuned: Path) -> dict[str, float]:
+    """CPU seconds of each of :data:`STEPS` in one extraction on one BLAS thread.
+
+    The forming runs in the reader thread, which cProfile does not follow:
+    its seconds come from a second, plain run of ``form_delta`` over the layers.
+    """
+    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-c", SPLIT_PROBE, str(base), str(tuned), json.dumps(STEPS)]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
+    seconds: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    seconds["forming"] = forming_seconds(base, tuned)
+    return seconds
+
+
+def forming_seconds(base: Path, tuned: Path) -> float:
+    """CPU seconds of forming every layer's ΔW with its noise bounds, as extraction does."""
+    from svdrank.analysis.delta import form_delta
+    from svdrank.inputs.checkpoint import open_checkpoint
+    from svdrank.inputs.pairing import pair_checkpoints
+
+    pairing = pair_checkpoints(open_checkpoint(base), open_checkpoint(tuned), (), ())
+    started = time.thread_time()
+    for layer in pairing.layers:
+        form_delta(layer, noise=True)
+    return time.thread_time() - started
+
+
+def split_bound(seconds: dict[str, float]) -> float:
+    """The least extract/diff ratio the two m·n·r products allow, eigenvectors free."""
+    diff = seconds["analysis"] + seconds["forming"]
+    return (diff + seconds["product"] + seconds["residual"]) / diff
+
+
+def split_markdown(splits: list[dict]) -> str:
+    """The where-the-time-goes table, from the saved record."""
+    rows = [
+        [
+            split["pair"],
+            *(f"{split['seconds'][name]:.2f} s" for name in STEPS),
+            f"{split_bound(split['seconds']):.2f}",
+        ]
+        for split in splits
+    ]
+    header = ["pair (1 BLAS thread, CPU)", *STEPS, "least ratio with free eigenvectors"]
+    return (
+        "\n\n## Where the time goes\n\n"
+        "One extraction per pair under cProfile (thread CPU time, one BLAS thread). "
+        "Extraction repeats the analysis and adds the top-r eigenvectors and two "
+        "products of m·n·r flops: ΔW·V for the factors and ΔW − s·B·A for the error "
+        "of the factors as stored. The products alone keep the ratio above the last "
+        "column even if the eigenvectors cost nothing.\n\n" + markdown_table(header, rows)
     )
 
 
 def main() -> None:
     """Run every model and regime and write results/extraction.{json,md}."""
-    rows = []
+    rows, splits = [], []
     for model in MODELS:
         for name, regime in REGIMES.items():
             print(f"extraction: {model.name}, {name} ...", flush=True)
             with tempfile.TemporaryDirectory(prefix="svdrank-bench-") as scratch:
                 rows.append(run_regime(model, name, regime, Path(scratch)))
-    write_results("extraction", {"machine": machine(), "repeats": REPEATS, "rows": rows}, markdown)
+                if model is MODELS[0] and name != "fast":
+                    base, tuned = (Path(scratch) / f"{side}.safetensors" for side in SIDES)
+                    print(f"extraction: {model.name}, {name}, where the time goes ...", flush=True)
+                    seconds = time_split(base, tuned)
+                    splits.append({"pair": f"{model.name}, {name}", "seconds": seconds})
+    record = {"machine": machine(), "repeats": REPEATS, "rows": rows, "splits": splits}
+    write_results("extraction", record, markdown)
 
 
 if __name__ == "__main__":
