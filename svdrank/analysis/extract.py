@@ -189,8 +189,13 @@ def factor_update(
     settings: FactorSettings,
     rng: np.random.Generator,
     workings: Workings | None = None,
+    reduced: Callable[[], None] | None = None,
 ) -> Factored:
     """Split one formed update into stored factors and measure their error.
+
+    ``reduced`` is told once the engine's work is out of memory (the top
+    eigenvectors taken from a Gram reduction, its peak): a reader may then
+    form the next layer without the two peaks meeting.
 
     The top triplets come from what the analysis's engine computed for this
     ΔW when ``workings`` hold it (see :func:`reused_svd`), else from
@@ -203,6 +208,8 @@ def factor_update(
     delta, total = formed.delta, formed.total_energy
     reuse = None if workings is None else reused_svd(delta, job, workings, settings.oversample)
     del workings  # the engine's reduction leaves memory before the vectors' product is made
+    if reduced is not None:
+        reduced()
     svd = None if reuse is None else reuse()
     if svd is None:
         svd = truncated_svd(

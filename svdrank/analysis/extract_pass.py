@@ -9,8 +9,11 @@ and its factors are computed from the ΔW still in memory and from what the
 engine computed on it (the Gram matrix's tridiagonal reduction, or the
 sketch's basis; see :mod:`svdrank.spectra.recording`). The next layer is
 formed while one is worked on, so at most two layers' updates are in memory,
-``diff``'s bound. The factors are spooled to a temporary file (the weights
-file's header needs every rank first) and handed back in the order asked for.
+``diff``'s bound; its forming starts once the current layer's peak is past
+(after its analysis, or after the top eigenvectors of a Gram reduction, when
+stevd holds two n×n arrays beside it), so the two peaks never meet. The
+factors are spooled to a temporary file (the weights file's header needs
+every rank first) and handed back in the order asked for.
 A layer's work once formed (:func:`pass_layer`) is also what a cluster's
 task does with it (:mod:`svdrank.analysis.extract_cluster`).
 """
@@ -28,7 +31,7 @@ import numpy as np
 from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
 from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_update
 from svdrank.analysis.pipeline import analyze_layer
-from svdrank.analysis.runners import alike_key, forms_noise, hinted
+from svdrank.analysis.runners import alike_key, forms_noise, hinted, needed_complete
 from svdrank.inputs.checkpoint import DTYPES
 from svdrank.spectra.recording import RecordingKernels
 from svdrank.types import AnalysisSettings, Layer, LayerResult, Progress, ProgressUpdate
@@ -155,14 +158,20 @@ def analyze_and_factor(
     done_bytes = 0
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdrank-read")
     try:
-        next_read = reader.submit(form_delta, layers[0], noisy)
+        reads = {0: reader.submit(form_delta, layers[0], noisy)}
+
+        def read_next() -> None:
+            """Start forming the layer after this one, once (when this one's peak is past)."""
+            following = index + 1
+            if following < len(layers) and following not in reads:
+                reads[following] = reader.submit(form_delta, layers[following], noisy)
+
         for index, layer in enumerate(layers):
-            formed = next_read.result()
-            if index + 1 < len(layers):
-                next_read = reader.submit(form_delta, layers[index + 1], noisy)
+            formed = reads.pop(index).result()
             probe = probes.setdefault(alike_key(layer), index)
             hint = hinted(None if probe == index else results[probe])
-            result, rank, factored = pass_layer(layer, formed, index, steps, hint)
+            result, rank, factored = pass_layer(layer, formed, index, steps, hint, read_next)
+            read_next()
             results.append(result)
             del formed
             yield result, rank, factored
@@ -174,16 +183,32 @@ def analyze_and_factor(
 
 
 def pass_layer(
-    layer: Layer, formed: FormedDelta, index: int, steps: PassSteps, expect_slow: bool
+    layer: Layer,
+    formed: FormedDelta,
+    index: int,
+    steps: PassSteps,
+    expect_slow: bool,
+    analysed: Callable[[], None] = lambda: None,
 ) -> LayerPass:
-    """Analyse one formed layer, rank it and factor it from the engine's own work on its ΔW."""
+    """Analyse one formed layer, rank it and factor it from the engine's own work on its ΔW.
+
+    ``analysed`` is told once the layer's memory peak is past: right after
+    the analysis, or, for a complete Gram spectrum, once the top eigenvectors
+    are out of its reduction (stevd needs two n×n arrays beside it).
+    """
     kernels = RecordingKernels()
     result = analyze_layer(layer, formed, index, steps.settings, kernels, expect_slow)
+    reduced = needed_complete(result.spectrum)
+    if not reduced:
+        analysed()
     rank = steps.rank_of(result)
     if rank == 0:
+        analysed()
         return result, rank, None
     job = FactorJob(layer, result, rank, steps.scale_of(rank), index)
     rng = np.random.default_rng([steps.factor_settings.seed, index])
     # Handed over, not kept here: factor_update drops the engine's work once the vectors are out.
-    factored = factor_update(formed, job, steps.factor_settings, rng, kernels.take_workings())
+    factored = factor_update(
+        formed, job, steps.factor_settings, rng, kernels.take_workings(), analysed
+    )
     return result, rank, factored

@@ -383,7 +383,8 @@ def residual_energy(delta: np.ndarray, b: np.ndarray, a: np.ndarray, scale: floa
     float
     """
     # The scale goes on A (r × n), the smaller copy when m > r; B is widened a block at a time.
-    a = np.asfortranarray(np.asarray(a, dtype=delta.dtype) * delta.dtype.type(scale))
+    scaled = np.empty(a.shape, dtype=delta.dtype, order="F")  # one copy, widened and scaled
+    a = np.multiply(a, delta.dtype.type(scale), out=scaled, dtype=delta.dtype, casting="unsafe")
     rows = max(1, RESIDUAL_CHUNK_BYTES // max(delta.shape[1] * delta.itemsize, 1))
     return sum(
         _block_residual(delta[start : start + rows], b[start : start + rows], a)
