@@ -83,3 +83,17 @@ def assert_one_line_error(result, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A client of a LocalCluster of 2 worker processes × 1 thread, one per test module."""
+    import distributed  # the cluster extra: imported only by the modules that use it
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as local,
+        distributed.Client(local, set_as_default=False) as client,
+    ):
+        yield client

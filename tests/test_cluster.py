@@ -36,17 +36,6 @@ from tests.conftest import (
 LLAMA = {"hidden": 64, "mlp": 96, "kv": 32, "vocab": 80, "blocks": 2}
 
 
-@pytest.fixture(scope="module")
-def dask_cluster():
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as local,
-        distributed.Client(local, set_as_default=False) as client,
-    ):
-        yield client
-
-
 def write_llama_pair(directory):
     """A BF16 pair with Llama's names and grouped-query shapes, embeddings and lm_head."""
     hidden, mlp, kv = LLAMA["hidden"], LLAMA["mlp"], LLAMA["kv"]

@@ -31,17 +31,6 @@ ROUTES = {"one-pass": {"preset": "balanced"}, "two-pass": {"budget_ratio": 0.2}}
 
 
 @pytest.fixture(scope="module")
-def dask_cluster():
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as local,
-        distributed.Client(local, set_as_default=False) as client,
-    ):
-        yield client
-
-
-@pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Three blocks of q, k, v: a probe and two hinted layers per kind; Gram and sketch spectra."""
     return write_decaying_pair(tmp_path_factory.mktemp("pair"), blocks=3)
