@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from svdrank.analysis.delta import form_delta, layer_bytes
+from svdrank.analysis.delta import form_delta
 from svdrank.analysis.extract import Factored, FactorJob, FactorSettings, factor_update
 from svdrank.analysis.extract_pass import FactorSpool, LayerPass, PassSteps, pass_layer
-from svdrank.analysis.runners import forms_noise, hinted, two_waves
-from svdrank.types import Layer, LayerResult, Progress, ProgressUpdate
+from svdrank.analysis.runners import forms_noise, hinted, progress_reporter, two_waves
+from svdrank.types import Layer, LayerResult, Progress
 
 if TYPE_CHECKING:
     from svdrank.analysis.cluster import DaskRunner
@@ -59,7 +59,7 @@ def passes_on(
     NumericalError
         If ΔW holds NaN or Inf, or a factor overflows the storage dtype.
     """
-    report = _reporter(layers, progress)
+    report = progress_reporter(layers, progress)
 
     def task(layer: Layer, index: int) -> Callable[[LayerResult | None], LayerPass]:
         return partial(pass_on_worker, steps, layer, index)
@@ -113,7 +113,7 @@ def factors_on(
         If ΔW holds NaN or Inf, or a factor overflows the storage dtype.
     """
     layers = [job.layer for job in jobs]
-    report = _reporter(layers, progress)
+    report = progress_reporter(layers, progress)
 
     def task(layer: Layer, index: int) -> Callable[[], Factored]:
         return partial(factor_on_worker, settings, replace(jobs[index], layer=layer))
@@ -129,21 +129,3 @@ def factor_on_worker(settings: FactorSettings, job: FactorJob) -> Factored:
     """Form a job's ΔW and factor it as the local route does (a task's body)."""
     rng = np.random.default_rng([settings.seed, job.index])
     return factor_update(form_delta(job.layer), job, settings, rng)
-
-
-def _reporter(
-    layers: Sequence[Layer], progress: Progress | None
-) -> Callable[[Layer, LayerResult], None]:
-    """Make a callback that counts finished layers and bytes and tells ``progress``."""
-    total_bytes = sum(layer_bytes(layer) for layer in layers)
-    done = {"layers": 0, "bytes": 0}
-
-    def report(layer: Layer, result: LayerResult) -> None:
-        done["layers"] += 1
-        done["bytes"] += layer_bytes(layer)
-        if progress is not None:
-            progress(
-                ProgressUpdate(result, done["layers"], len(layers), done["bytes"], total_bytes)
-            )
-
-    return report

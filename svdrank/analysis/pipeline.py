@@ -15,16 +15,22 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from svdrank.analysis.adapter import analyze_adapter
-from svdrank.analysis.delta import FormedDelta, form_delta, layer_bytes
+from svdrank.analysis.delta import FormedDelta, form_delta
 from svdrank.analysis.floor import spectrum_with_noise
 from svdrank.analysis.resume import ResultsLog, open_results_log, run_header
-from svdrank.analysis.runners import LayerSteps, Runner, runner_for, two_waves
+from svdrank.analysis.runners import (
+    LayerSteps,
+    Runner,
+    progress_reporter,
+    runner_for,
+    two_waves,
+)
 from svdrank.errors import SvdrankWarning, UsageError
 from svdrank.inputs.adapter import is_adapter
 from svdrank.inputs.checkpoint import Checkpoint, describe_input, open_checkpoint
@@ -39,7 +45,6 @@ from svdrank.types import (
     LayerResult,
     ModelInfo,
     Progress,
-    ProgressUpdate,
 )
 
 
@@ -280,7 +285,7 @@ def _run(
     log: ResultsLog,
 ) -> tuple[LayerResult, ...]:
     """Compute the layers the log lacks, logging and reporting each; all results in layer order."""
-    report = _reporter(layers, progress)
+    report = progress_reporter(layers, progress)
     results = dict(log.known)
     for index in sorted(log.known):
         report(layers[index], log.known[index])
@@ -321,21 +326,3 @@ def analyze_layer(
         target=layer.target,
         noise=noise,
     )
-
-
-def _reporter(
-    layers: Sequence[Layer], progress: Progress | None
-) -> Callable[[Layer, LayerResult], None]:
-    """Make a callback that counts finished layers and bytes and tells ``progress``."""
-    done = {"layers": 0, "bytes": 0}
-    bytes_total = sum(layer_bytes(layer) for layer in layers)
-
-    def report(layer: Layer, result: LayerResult) -> None:
-        done["layers"] += 1
-        done["bytes"] += layer_bytes(layer)
-        if progress is not None:
-            progress(
-                ProgressUpdate(result, done["layers"], len(layers), done["bytes"], bytes_total)
-            )
-
-    return report

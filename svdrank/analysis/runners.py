@@ -21,10 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from svdrank.analysis.delta import FormedDelta
+from svdrank.analysis.delta import FormedDelta, layer_bytes
 from svdrank.errors import UsageError
 from svdrank.spectra.devices import HOST, Kernels, kernels_for
-from svdrank.types import AnalysisSettings, Layer, LayerResult, Spectrum
+from svdrank.types import (
+    AnalysisSettings,
+    Layer,
+    LayerResult,
+    Progress,
+    ProgressUpdate,
+    Spectrum,
+)
 
 AnalyzeLayer = Callable[[Layer, FormedDelta, int, AnalysisSettings, Kernels, bool], LayerResult]
 """Decompose one formed layer: (layer, formed, index, settings, kernels, expect_slow) → result."""
@@ -279,3 +286,24 @@ def _analyze_alike(
     if isinstance(probe, Future):
         probe = probe.result()
     return analyze(*task, hinted(probe))
+
+
+def progress_reporter(
+    layers: Sequence[Layer], progress: Progress | None
+) -> Callable[[Layer, LayerResult], None]:
+    """Make a callback that counts finished layers and bytes and tells ``progress``.
+
+    The callback takes each finished layer and its result, in the order they finish.
+    """
+    done = {"layers": 0, "bytes": 0}
+    bytes_total = sum(layer_bytes(layer) for layer in layers)
+
+    def report(layer: Layer, result: LayerResult) -> None:
+        done["layers"] += 1
+        done["bytes"] += layer_bytes(layer)
+        if progress is not None:
+            progress(
+                ProgressUpdate(result, done["layers"], len(layers), done["bytes"], bytes_total)
+            )
+
+    return report
