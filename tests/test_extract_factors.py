@@ -11,6 +11,7 @@ from svdrank.spectra.factors import (
     exact_svd,
     gram_svd,
     lora_factors,
+    projected_residual_energy,
     randomized_svd,
     residual_energy,
     truncated_svd,
@@ -148,6 +149,60 @@ def test_residual_of_an_exact_factorisation_is_not_lost_to_cancellation():
     np.testing.assert_allclose(
         residual_energy(delta, b, a, 1.0), _optimal_error(delta, 6) ** 2, rtol=1e-6
     )
+
+
+def _stored_error_energies(delta, rank, stored, scale):
+    """(Error² taken without ΔW or None, error² in float64) of Gram factors cast to ``stored``."""
+    svd = gram_svd(delta, rank)
+    b, a = lora_factors(svd, scale)
+    cast = b.astype(stored), a.astype(stored)
+    total = float(np.sum(np.square(delta, dtype=np.float64)))
+    estimate = projected_residual_energy(total, svd.values, (b, a), cast, scale)
+    product = cast[0].astype(np.float64) @ cast[1].astype(np.float64)
+    reference = float(np.sum(np.square(delta.astype(np.float64) - scale * product)))
+    return estimate, reference
+
+
+@pytest.mark.parametrize(
+    ("decay", "rank"), [("power-0.5", 6), ("power-0.5", 60), ("power-0.5", 200), ("power-1", 30)]
+)
+@pytest.mark.parametrize("shape", [(600, 400), (400, 600)])
+@pytest.mark.parametrize("stored", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+def test_error_taken_without_delta_is_the_direct_frobenius_norm(decay, rank, shape, stored, scale):
+    # Errors of 2-30 % of ‖ΔW‖²: float32 ΔW, factors and products agree with float64 to the
+    # rounding of ‖ΔW‖² − Σσᵢ², a few 1e-7 of ‖ΔW‖² (10·ε₃₂ allowed).
+    delta = _matrix(shape, decay, np.float32, seed=rank)
+    estimate, reference = _stored_error_energies(delta, rank, stored, scale)
+    total = float(np.sum(np.square(delta, dtype=np.float64)))
+    assert estimate is not None
+    assert abs(estimate - reference) <= 1e-6 * total
+
+
+def test_error_taken_without_delta_counts_the_rounding_of_bf16_factors():
+    # The rounding of BF16 factors is ~1e-4 of the error² here: the estimate sees it.
+    delta = _matrix((600, 400), "power-0.5", np.float32)
+    estimate, reference = _stored_error_energies(delta, 300, ml_dtypes.bfloat16, 1.0)
+    unrounded, _ = _stored_error_energies(delta, 300, np.float32, 1.0)
+    assert estimate is not None and unrounded is not None
+    assert reference - unrounded > 1e-5 * reference
+    np.testing.assert_allclose(estimate, reference, rtol=1e-5)
+
+
+def test_error_is_not_taken_without_delta_where_it_is_tiny():
+    # Below 1e-3 of ‖ΔW‖² float32 rounding would show: the caller forms the residual.
+    delta = _matrix((300, 200), "exponential", np.float32)
+    estimate, reference = _stored_error_energies(delta, 60, np.float32, 1.0)
+    assert estimate is None
+    assert reference < 1e-3 * float(np.sum(np.square(delta, dtype=np.float64)))
+
+
+def test_error_is_not_taken_without_delta_where_f16_flushes_the_factors():
+    # Entries ~1e-7 leave F16's range: the rounding is no longer small against the error.
+    delta = _matrix((300, 200), "power-1", np.float32) * np.float32(1e-10)
+    estimate, reference = _stored_error_energies(delta, 20, np.float16, 1.0)
+    assert estimate is None
+    assert reference > 0
 
 
 def test_core_svd_gives_the_triplets_of_the_product_without_forming_it():

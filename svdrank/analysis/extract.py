@@ -26,6 +26,7 @@ from svdrank.spectra.factors import (
     TruncatedSvd,
     exact_svd,
     lora_factors,
+    projected_residual_energy,
     relative_error,
     residual_energy,
     sketch_svd,
@@ -224,8 +225,8 @@ def factor_update(
     if svd.method in ("randomized", "gram") and _excess(total, svd.kept_energy, optimal):
         svd = exact_svd(delta, job.rank)
         optimal = _optimal_energy(svd, job, total)
-    cast = cast_factors(svd, job.scale, settings.dtype, job.layer.name, overwrite=True)
-    del svd  # the residual is the peak of memory: only ΔW and the stored factors stay
+    cast = cast_factors(svd, job.scale, settings.dtype, job.layer.name, overwrite=True, total=total)
+    del svd  # a residual formed from ΔW is the peak of memory: only ΔW and the stored factors stay
     return measure_stored(cast, delta, total, optimal, job.scale)
 
 
@@ -295,6 +296,9 @@ class CastFactors:
         Σ_{i≤r} σ̂ᵢ² of the SVD they came from.
     method : str
         How its vectors were computed.
+    error_energy : float or None
+        ‖ΔW − s·B·A‖_F² when it was taken without ΔW (see
+        :func:`~svdrank.spectra.factors.projected_residual_energy`), else None.
     """
 
     b: np.ndarray
@@ -302,6 +306,7 @@ class CastFactors:
     underflows: int
     energy: float
     method: str
+    error_energy: float | None = None
 
 
 def store(
@@ -330,13 +335,23 @@ def store(
 
 
 def cast_factors(
-    svd: TruncatedSvd, scale: float, dtype: str, name: str, *, overwrite: bool = False
+    svd: TruncatedSvd,
+    scale: float,
+    dtype: str,
+    name: str,
+    *,
+    overwrite: bool = False,
+    total: float | None = None,
 ) -> CastFactors:
     """Split an SVD into balanced factors for scale ``s`` and cast them to ``dtype``.
 
     With ``overwrite`` the SVD's vectors are scaled in place into the factors
     (see :func:`~svdrank.spectra.factors.lora_factors`): one layer's factors
-    fewer in memory, for a caller that drops the SVD after.
+    fewer in memory, for a caller that drops the SVD after. Given ΔW's energy
+    ``total``, factors from the projection of ΔW on its Gram matrix's
+    eigenvectors (method "gram") get their stored error from the rounding
+    (:func:`~svdrank.spectra.factors.projected_residual_energy`), where that
+    is accurate, instead of a second m·n·r product.
 
     Raises
     ------
@@ -346,7 +361,10 @@ def cast_factors(
     b, a = lora_factors(svd, scale, overwrite=overwrite)
     stored_b, stored_a = _cast(b, dtype, name), _cast(a, dtype, name)
     underflows = _underflows(b, dtype) + _underflows(a, dtype)
-    return CastFactors(stored_b, stored_a, underflows, svd.kept_energy, svd.method)
+    error = None
+    if total is not None and svd.method == "gram":
+        error = projected_residual_energy(total, svd.values, (b, a), (stored_b, stored_a), scale)
+    return CastFactors(stored_b, stored_a, underflows, svd.kept_energy, svd.method, error)
 
 
 def measure_stored(
@@ -357,8 +375,13 @@ def measure_stored(
     scale: float,
     residual: Callable[[np.ndarray, np.ndarray], float] | None = None,
 ) -> Factored:
-    """Measure stored factors' error ‖ΔW − s·B·A‖_F², by ``residual`` or against ``delta``."""
-    if residual is None:
+    """Measure stored factors' error ‖ΔW − s·B·A‖_F², by ``residual`` or against ``delta``.
+
+    An error the cast already took (:attr:`CastFactors.error_energy`) is kept.
+    """
+    if cast.error_energy is not None:
+        error_energy = cast.error_energy
+    elif residual is None:
         assert delta is not None
         error_energy = residual_energy(delta, cast.b, cast.a, scale)
     else:
