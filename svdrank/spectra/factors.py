@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from svdrank.spectra.kernels import extend_range, smaller_gram, sum_of_squares, times
+from svdrank.spectra.kernels import (
+    column_sums_of_squares,
+    extend_range,
+    smaller_gram,
+    sum_of_squares,
+    times,
+)
 from svdrank.spectra.tridiagonal import Tridiagonal, top_eigenvectors, tridiagonalize
 
 RANDOMIZED_SHARE = 0.2
@@ -175,7 +181,7 @@ def vectors_svd(delta: np.ndarray, vectors: np.ndarray) -> TruncatedSvd:
     vectors = np.asarray(vectors, dtype=delta.dtype)
     tall = delta.shape[0] >= delta.shape[1]
     projected = times(delta, vectors, transpose=not tall)
-    values = np.sqrt([sum_of_squares(column) for column in projected.T])
+    values = np.sqrt(column_sums_of_squares(projected))
     other = np.divide(
         projected, np.where(values > 0, values, 1.0).astype(delta.dtype), out=projected
     )

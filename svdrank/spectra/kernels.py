@@ -49,6 +49,19 @@ def sum_of_squares(array: np.ndarray) -> float:
     return float(total)
 
 
+def column_sums_of_squares(matrix: np.ndarray) -> np.ndarray:
+    """Σ over rows of x² for each column, in float64, CHUNK_ELEMENTS entries of rows at a time.
+
+    Each square is rounded to the matrix's dtype (float32: within 2⁻²⁴
+    relative, as dsdot may) and summed in float64.
+    """
+    sums = np.zeros(matrix.shape[1])
+    rows = max(1, CHUNK_ELEMENTS // max(matrix.shape[1], 1))
+    for start in range(0, matrix.shape[0], rows):
+        sums += np.square(matrix[start : start + rows]).sum(axis=0, dtype=np.float64)
+    return sums
+
+
 def total_energy(delta: np.ndarray) -> float:
     """‖ΔW‖_F², accumulated in float64 so that it can decide a rank."""
     return sum_of_squares(delta)

@@ -71,8 +71,16 @@ _SYEVR_SIGNATURE = (
     "void (char *, char *, char *, int *, X *, int *, X *, X *, int *, int *, X *, int *, "
     "X *, X *, int *, int *, X *, int *, int *, int *, int *)"
 )
+_SYTRD_SIGNATURE = "void (char *, int *, X *, int *, X *, X *, X *, X *, int *, int *)"
+_STEVD_SIGNATURE = "void (char *, int *, X *, X *, X *, int *, X *, int *, int *, int *, int *)"
+_ORMQR_SIGNATURE = (
+    "void (char *, char *, int *, int *, int *, X *, int *, X *, X *, int *, X *, int *, int *)"
+)
 _SYRK = {d: _routine(cython_blas, f"{p}syrk", _SYRK_SIGNATURE) for d, p in _PREFIX.items()}
 _SYEVR = {d: _routine(cython_lapack, f"{p}syevr", _SYEVR_SIGNATURE) for d, p in _PREFIX.items()}
+_SYTRD = {d: _routine(cython_lapack, f"{p}sytrd", _SYTRD_SIGNATURE) for d, p in _PREFIX.items()}
+_STEVD = {d: _routine(cython_lapack, f"{p}stevd", _STEVD_SIGNATURE) for d, p in _PREFIX.items()}
+_ORMQR = {d: _routine(cython_lapack, f"{p}ormqr", _ORMQR_SIGNATURE) for d, p in _PREFIX.items()}
 _DSDOT = _routine(cython_blas, "dsdot", "X (int *, s *, int *, s *, int *)", ctypes.c_double)
 
 
@@ -83,6 +91,18 @@ def _ref(value, ctype) -> ctypes.c_void_p:
 
 def _data(array: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(array.ctypes.data)
+
+
+def _info() -> tuple[ctypes.c_int, ctypes.c_void_p]:
+    """Return a LAPACK info flag and the pointer to hand the routine."""
+    info = ctypes.c_int(0)
+    return info, ctypes.cast(ctypes.pointer(info), ctypes.c_void_p)
+
+
+def _check(info: ctypes.c_int, routine: str) -> None:
+    """Raise numpy's LinAlgError if a LAPACK routine reported a failure."""
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"{routine} failed (info={info.value})")
 
 
 def gram_lower(delta: np.ndarray) -> np.ndarray:
@@ -188,3 +208,131 @@ def sum_of_squares_f32(values: np.ndarray) -> float | None:
         return None
     one = _ref(1, _INT)
     return float(_DSDOT(_ref(flat.size, _INT), _data(flat), one, _data(flat), one))
+
+
+def reduce_lower(gram: np.ndarray, lwork: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Householder tridiagonal reduction of the lower triangle (LAPACK sytrd, GIL released).
+
+    ``gram`` (Fortran order, float32 or float64) is overwritten by the
+    reflectors; ``lwork`` is the workspace handed to sytrd, which sets its
+    blocking (so its numbers). Returns T's diagonal, subdiagonal and the
+    reflectors' τ. Raises ``numpy.linalg.LinAlgError`` on failure.
+    """
+    sytrd = _SYTRD.get(gram.dtype)
+    if sytrd is None or not gram.flags.f_contiguous:
+        wrapper = scipy.linalg.lapack.get_lapack_funcs("sytrd", (gram,))
+        _, diagonal, off_diagonal, scales, status = wrapper(
+            gram, lower=1, lwork=lwork, overwrite_a=1
+        )
+        _check(ctypes.c_int(status), "sytrd")
+        return diagonal, off_diagonal, scales
+    n = gram.shape[0]
+    diagonal = np.empty(n, dtype=gram.dtype)
+    off_diagonal = np.empty(max(n - 1, 0), dtype=gram.dtype)
+    scales = np.empty(max(n - 1, 0), dtype=gram.dtype)
+    work = np.empty(lwork, dtype=gram.dtype)
+    info, status = _info()
+    sytrd(
+        _CHAR(b"L"),
+        _ref(n, _INT),
+        _data(gram),
+        _ref(max(n, 1), _INT),
+        _data(diagonal),
+        _data(off_diagonal),
+        _data(scales),
+        _data(work),
+        _ref(lwork, _INT),
+        status,
+    )
+    _check(info, "sytrd")
+    return diagonal, off_diagonal, scales
+
+
+def tridiagonal_eigh(
+    diagonal: np.ndarray, off_diagonal: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every eigenvalue (ascending) and eigenvector of a symmetric tridiagonal matrix.
+
+    LAPACK stevd (divide and conquer), GIL released; the inputs are kept.
+    Returns the values and the vectors (n × n, Fortran order). Raises
+    ``numpy.linalg.LinAlgError`` on failure.
+    """
+    stevd = _STEVD.get(diagonal.dtype)
+    if stevd is None:
+        wrapper = scipy.linalg.lapack.get_lapack_funcs("stevd", (diagonal,))
+        values, vectors, status = wrapper(diagonal, off_diagonal)
+        _check(ctypes.c_int(status), "stevd")
+        return values, vectors
+    n = diagonal.size
+    values, off = diagonal.copy(), np.append(off_diagonal, diagonal.dtype.type(0))
+    vectors = np.empty((n, n), dtype=diagonal.dtype, order="F")
+    lwork, liwork = 1 + 4 * n + n * n, 3 + 5 * n  # stevd's least workspace with vectors
+    work, iwork = np.empty(lwork, dtype=diagonal.dtype), np.empty(liwork, dtype=np.int32)
+    info, status = _info()
+    stevd(
+        _CHAR(b"V"),
+        _ref(n, _INT),
+        _data(values),
+        _data(off),
+        _data(vectors),
+        _ref(max(n, 1), _INT),
+        _data(work),
+        _ref(lwork, _INT),
+        _data(iwork),
+        _ref(liwork, _INT),
+        status,
+    )
+    _check(info, "stevd")
+    return values, vectors
+
+
+def apply_reflectors(
+    reflectors: np.ndarray, scales: np.ndarray, block: np.ndarray, block_size: int
+) -> np.ndarray:
+    """Q·C for Q = H₁·…·H_k given as a QR's reflectors (LAPACK ormqr, GIL released).
+
+    ``reflectors`` (m × k) and ``block`` (C, m × c) may be views into larger
+    Fortran-ordered arrays (column stride = leading dimension); ``block`` is
+    overwritten and returned. ``block_size`` sets the workspace,
+    c·block_size + (block_size + 1)·block_size. Raises
+    ``numpy.linalg.LinAlgError`` on failure.
+    """
+    ormqr = _ORMQR.get(block.dtype)
+    if ormqr is None or not (_fortran_view(reflectors) and _fortran_view(block)):
+        wrapper = scipy.linalg.lapack.get_lapack_funcs("ormqr", (block,))
+        lwork = (block.shape[1] + block_size + 1) * block_size
+        product, _, status = wrapper("L", "N", reflectors, scales, block, lwork, overwrite_c=1)
+        _check(ctypes.c_int(status), "ormqr")
+        block[...] = product
+        return block
+    rows, columns = block.shape
+    lwork = (columns + block_size + 1) * block_size
+    work = np.empty(lwork, dtype=block.dtype)
+    info, status = _info()
+    ormqr(
+        _CHAR(b"L"),
+        _CHAR(b"N"),
+        _ref(rows, _INT),
+        _ref(columns, _INT),
+        _ref(scales.size, _INT),
+        _data(reflectors),
+        _ref(_leading(reflectors), _INT),
+        _data(scales),
+        _data(block),
+        _ref(_leading(block), _INT),
+        _data(work),
+        _ref(lwork, _INT),
+        status,
+    )
+    _check(info, "ormqr")
+    return block
+
+
+def _fortran_view(array: np.ndarray) -> bool:
+    """Whether a 2-D array is Fortran-ordered up to its column stride (a leading dimension)."""
+    return array.ndim == 2 and array.strides[0] == array.itemsize and array.strides[1] > 0
+
+
+def _leading(array: np.ndarray) -> int:
+    """Return the leading dimension of a Fortran-ordered (view of an) array."""
+    return max(array.strides[1] // array.itemsize, array.shape[0], 1)
