@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import scipy.linalg.lapack
 
 from svdrank.spectra import nogil
 
@@ -56,14 +57,98 @@ def test_dsdot_sum_of_squares_matches_float64(size):
     assert total == pytest.approx(float(np.sum(values.astype(np.float64) ** 2)), rel=1e-7)
 
 
+def _lower_gram(size: int, dtype) -> np.ndarray:
+    matrix = np.random.default_rng(size).standard_normal((size + 7, size))
+    return np.asfortranarray(np.tril(matrix.T @ matrix)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 2, 50, 300])
+def test_reduce_lower_is_scipys_sytrd_bit_for_bit(dtype, size):
+    gram = _lower_gram(size, dtype)
+    sytrd = scipy.linalg.lapack.get_lapack_funcs("sytrd", (gram,))
+    reflectors, *reference, info = sytrd(gram.copy(order="F"), lower=1, lwork=4 * size + 64)
+    assert info == 0
+
+    reduced = gram.copy(order="F")
+    parts = nogil.reduce_lower(reduced, 4 * size + 64)
+
+    for part, expected in zip(parts, reference, strict=True):
+        np.testing.assert_array_equal(part, expected)
+    np.testing.assert_array_equal(np.tril(reduced), np.tril(reflectors))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [2, 50, 300])
+def test_tridiagonal_eigh_is_scipys_stevd_and_keeps_its_inputs(dtype, size):
+    rng = np.random.default_rng(size)
+    diagonal, off_diagonal = rng.standard_normal(size).astype(dtype), rng.random(size - 1)
+    off_diagonal = off_diagonal.astype(dtype)
+    kept = diagonal.copy(), off_diagonal.copy()
+    stevd = scipy.linalg.lapack.get_lapack_funcs("stevd", (diagonal,))
+    reference_values, reference_vectors, info = stevd(diagonal, off_diagonal)
+    assert info == 0
+
+    values, vectors = nogil.tridiagonal_eigh(diagonal, off_diagonal)
+
+    np.testing.assert_array_equal(values, reference_values)
+    np.testing.assert_array_equal(vectors, reference_vectors)
+    assert vectors.flags.f_contiguous
+    np.testing.assert_array_equal(diagonal, kept[0])
+    np.testing.assert_array_equal(off_diagonal, kept[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("view", [False, True])
+def test_apply_reflectors_is_q_times_the_block(dtype, view):
+    # Q from a QR's reflectors, against NumPy's product with that Q formed explicitly.
+    rng = np.random.default_rng(7)
+    matrix = rng.standard_normal((90, 40))
+    qr, scales = scipy.linalg.lapack.dgeqrf(matrix)[:2]
+    q = np.linalg.qr(matrix, mode="complete")[0]  # LAPACK's geqrf + orgqr: the same Q
+    reflectors = np.asfortranarray(qr.astype(dtype))
+    block = np.asfortranarray(rng.standard_normal((90, 12)).astype(dtype))
+    if view:  # rows 2..n of taller arrays, as sytrd's reflectors sit in the Gram matrix
+        tall = np.zeros((91, 41), dtype=dtype, order="F")
+        tall[1:, :40] = reflectors
+        reflectors = tall[1:, :40]
+        taller = np.zeros((91, 12), dtype=dtype, order="F")
+        taller[1:] = block
+        block = taller[1:]
+    expected = q @ block.astype(np.float64)
+
+    product = nogil.apply_reflectors(reflectors, scales.astype(dtype), block, 16)
+
+    assert product is block
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(product, expected, atol=tolerance * 10)
+
+
 def test_fallbacks_give_the_same_numbers(monkeypatch):
     matrix = np.random.default_rng(0).standard_normal((120, 80)).astype(np.float32)
     direct = nogil.gram_lower(matrix)
     direct_values = nogil.eigenvalues_lower(direct.copy(order="F"))
 
-    monkeypatch.setattr(nogil, "_SYRK", {})
-    monkeypatch.setattr(nogil, "_SYEVR", {})
+    gram = _lower_gram(60, np.float32)
+    lwork = 4 * 60 + 64
+    reduced = gram.copy(order="F")
+    direct_parts = nogil.reduce_lower(reduced, lwork)
+    direct_eigh = nogil.tridiagonal_eigh(*direct_parts[:2])
+    block = np.asfortranarray(direct_eigh[1][1:, :5])
+    direct_applied = nogil.apply_reflectors(reduced[1:, :-1], direct_parts[2], block.copy("F"), 16)
+
+    for table in ("_SYRK", "_SYEVR", "_SYTRD", "_STEVD", "_ORMQR"):
+        monkeypatch.setattr(nogil, table, {})
     monkeypatch.setattr(nogil, "_DSDOT", None)
+
+    again = gram.copy(order="F")
+    parts = nogil.reduce_lower(again, lwork)
+    for part, direct_part in zip(parts, direct_parts, strict=True):
+        np.testing.assert_array_equal(part, direct_part)
+    eigh = nogil.tridiagonal_eigh(*parts[:2])
+    np.testing.assert_array_equal(eigh[1], direct_eigh[1])
+    applied = nogil.apply_reflectors(again[1:, :-1], parts[2], block.copy("F"), 16)
+    np.testing.assert_array_equal(applied, direct_applied)
 
     fallback = nogil.gram_lower(matrix)
     np.testing.assert_allclose(np.tril(fallback), np.tril(direct), rtol=1e-6)
@@ -103,7 +188,8 @@ def test_the_calls_release_the_gil(call):
 
 
 def test_the_routines_are_found_with_the_expected_signatures():
-    assert all(nogil._SYRK.values()) and all(nogil._SYEVR.values()) and nogil._DSDOT
+    tables = (nogil._SYRK, nogil._SYEVR, nogil._SYTRD, nogil._STEVD, nogil._ORMQR)
+    assert all(all(table.values()) for table in tables) and nogil._DSDOT
 
 
 def test_an_unexpected_signature_or_a_missing_routine_gives_the_fallback():
