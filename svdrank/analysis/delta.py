@@ -158,7 +158,7 @@ def form_on_host(layer: Layer, noise: bool = False) -> FormedDelta:
     wide = np.float64 if "F64" in (layer.base.dtype, layer.tuned.dtype) else np.float32
     delta = np.empty(layer.shape, dtype=wide)
     sides = rounded_sides(base, layer.base.dtype, tuned, layer.tuned.dtype) if noise else None
-    profile = _ProfileSums(layer.shape, sides, wide) if sides else None
+    profile = _ProfileSums(layer.shape, sides) if sides else None
     blocks = _Blocks(columns, wide)
     step = max(1, FORM_CHUNK_BYTES // max(columns * max(base.itemsize, tuned.itemsize), 1))
     base_energy = 0.0
@@ -247,13 +247,12 @@ class _ProfileSums:
     :func:`square_scale`) plus its smallest variance. The squares are taken in
     the widened blocks :func:`form_on_host` made ΔW from (overwriting them),
     the two sides' added entry by entry, and the block's row and column sums
-    taken by BLAS products with a vector of ones (float32; totals in
-    float64), so the pass costs about half a nanosecond per entry and side.
+    taken by NumPy (float32; totals in float64; no BLAS, whose threads this
+    reader thread would wake against the engine's), so the pass costs about
+    half a nanosecond per entry and side.
     """
 
-    def __init__(
-        self, shape: tuple[int, int], grids: tuple[str, str], dtype: type[np.floating]
-    ) -> None:
+    def __init__(self, shape: tuple[int, int], grids: tuple[str, str]) -> None:
         self.scales = side_scales(grids)
         self.smallest = sum(scale[1] for scale in self.scales if scale is not None)
         self.columns = np.zeros(shape[1])
@@ -262,16 +261,14 @@ class _ProfileSums:
         self.size = shape[0] * shape[1]
         height = max(1, PROFILE_BLOCK_ELEMENTS // max(shape[1], 1))
         self.unequal = np.empty((height, shape[1]), dtype=bool)
-        self.ones_row = np.ones(shape[1], dtype=dtype)
-        self.ones_column = np.ones(height, dtype=dtype)
 
     def add(self, old: np.ndarray, new: np.ndarray) -> None:
         """Add one block of rows, base's and tuned's values widened (both are overwritten)."""
         height, width = old.shape
         self.changed += int(np.count_nonzero(np.not_equal(new, old, out=self.unequal[:height])))
         squares, factor = self._squares(old, new)
-        rows = factor * (squares @ self.ones_row).astype(np.float64) + self.smallest * width
-        self.columns += factor * (self.ones_column[:height] @ squares) + self.smallest * height
+        rows = factor * squares.sum(axis=1).astype(np.float64) + self.smallest * width
+        self.columns += factor * squares.sum(axis=0) + self.smallest * height
         self.row_max = max(self.row_max, float(rows.max(initial=0.0)))
         self.energy += float(rows.sum())
         peak = factor * float(squares.max(initial=0.0)) + self.smallest

@@ -198,6 +198,18 @@ def times(
     return gemm(1.0, a.T, b, trans_a=int(not transpose))
 
 
+def times_vector(a: np.ndarray, x: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """a·x, or aᵀ·x with ``transpose``, through SciPy's BLAS (gemv), reading ``a`` in place.
+
+    For the same reason as :func:`times`: a NumPy product would wake NumPy's
+    own OpenBLAS threads, which then spin against SciPy's.
+    """
+    gemv = scipy.linalg.blas.get_blas_funcs("gemv", (a, x))
+    if a.flags.f_contiguous:
+        return gemv(1.0, a, x, trans=int(transpose))
+    return gemv(1.0, a.T, x, trans=int(not transpose))
+
+
 def _normalize(block: np.ndarray, normalizer: str) -> np.ndarray:
     """Keep a sketch block well conditioned between power iterations (same span)."""
     if normalizer == "lu":

@@ -25,7 +25,7 @@ import numpy as np
 
 from svdrank.errors import UsageError
 from svdrank.inputs.checkpoint import DTYPES
-from svdrank.spectra.kernels import CHUNK_ELEMENTS, exact_values
+from svdrank.spectra.kernels import CHUNK_ELEMENTS, exact_values, times_vector
 
 
 @dataclass(frozen=True)
@@ -621,7 +621,8 @@ def top_singular_value(
 ) -> float:
     """σ₁ by Golub-Kahan-Lanczos bidiagonalization with full reorthogonalization.
 
-    Each step multiplies by the matrix and its transpose once (in its dtype);
+    Each step multiplies by the matrix and its transpose once (in its dtype,
+    through SciPy's BLAS);
     the estimate is σ₁ of the small bidiagonal matrix, a lower bound that
     grows to σ₁. The run stops when it grew by less than ``tol`` (relative)
     over the last 4 steps, at the Krylov space's end or after ``max_steps``.
@@ -665,16 +666,17 @@ def top_singular_value(
     upper: list[float] = []
     estimates: list[float] = []
     for step in range(steps):
-        column = matrix @ right[step]
+        column = times_vector(matrix, right[step])
         if step:
             column -= upper[-1] * left[step - 1]
-        column -= left[:step].T @ (left[:step] @ column)
+            column -= times_vector(left[:step], times_vector(left[:step], column), transpose=True)
         alpha = float(np.linalg.norm(column))
         if alpha == 0.0:
             break
         left[step] = column / alpha
-        row = matrix.T @ left[step] - alpha * right[step]
-        row -= right[: step + 1].T @ (right[: step + 1] @ row)
+        row = times_vector(matrix, left[step], transpose=True) - alpha * right[step]
+        kept = right[: step + 1]
+        row -= times_vector(kept, times_vector(kept, row), transpose=True)
         beta = float(np.linalg.norm(row))
         diagonal.append(alpha)
         estimates.append(_bidiagonal_norm(diagonal, upper))
