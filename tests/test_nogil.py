@@ -71,10 +71,11 @@ def test_reduce_lower_is_scipys_sytrd_bit_for_bit(dtype, size):
     assert info == 0
 
     reduced = gram.copy(order="F")
-    parts = nogil.reduce_lower(reduced, 4 * size + 64)
+    kept, *parts = nogil.reduce_lower(reduced, 4 * size + 64)
 
     for part, expected in zip(parts, reference, strict=True):
         np.testing.assert_array_equal(part, expected)
+    assert kept is reduced
     np.testing.assert_array_equal(np.tril(reduced), np.tril(reflectors))
 
 
@@ -131,8 +132,7 @@ def test_fallbacks_give_the_same_numbers(monkeypatch):
 
     gram = _lower_gram(60, np.float32)
     lwork = 4 * 60 + 64
-    reduced = gram.copy(order="F")
-    direct_parts = nogil.reduce_lower(reduced, lwork)
+    reduced, *direct_parts = nogil.reduce_lower(gram.copy(order="F"), lwork)
     direct_eigh = nogil.tridiagonal_eigh(*direct_parts[:2])
     block = np.asfortranarray(direct_eigh[1][1:, :5])
     direct_applied = nogil.apply_reflectors(reduced[1:, :-1], direct_parts[2], block.copy("F"), 16)
@@ -141,8 +141,8 @@ def test_fallbacks_give_the_same_numbers(monkeypatch):
         monkeypatch.setattr(nogil, table, {})
     monkeypatch.setattr(nogil, "_DSDOT", None)
 
-    again = gram.copy(order="F")
-    parts = nogil.reduce_lower(again, lwork)
+    again, *parts = nogil.reduce_lower(np.ascontiguousarray(gram), lwork)  # C order: copied
+    np.testing.assert_array_equal(np.tril(again), np.tril(reduced))
     for part, direct_part in zip(parts, direct_parts, strict=True):
         np.testing.assert_array_equal(part, direct_part)
     eigh = nogil.tridiagonal_eigh(*parts[:2])

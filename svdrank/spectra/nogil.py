@@ -210,22 +210,24 @@ def sum_of_squares_f32(values: np.ndarray) -> float | None:
     return float(_DSDOT(_ref(flat.size, _INT), _data(flat), one, _data(flat), one))
 
 
-def reduce_lower(gram: np.ndarray, lwork: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reduce_lower(
+    gram: np.ndarray, lwork: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Householder tridiagonal reduction of the lower triangle (LAPACK sytrd, GIL released).
 
-    ``gram`` (Fortran order, float32 or float64) is overwritten by the
-    reflectors; ``lwork`` is the workspace handed to sytrd, which sets its
-    blocking (so its numbers). Returns T's diagonal, subdiagonal and the
-    reflectors' τ. Raises ``numpy.linalg.LinAlgError`` on failure.
+    ``lwork`` is the workspace handed to sytrd, which sets its blocking (so
+    its numbers). Returns the reflectors (``gram`` itself, overwritten, when
+    it is Fortran-ordered), T's diagonal and subdiagonal, and the reflectors'
+    τ. Raises ``numpy.linalg.LinAlgError`` on failure.
     """
     sytrd = _SYTRD.get(gram.dtype)
     if sytrd is None or not gram.flags.f_contiguous:
         wrapper = scipy.linalg.lapack.get_lapack_funcs("sytrd", (gram,))
-        _, diagonal, off_diagonal, scales, status = wrapper(
+        reflectors, diagonal, off_diagonal, scales, status = wrapper(
             gram, lower=1, lwork=lwork, overwrite_a=1
         )
         _check(ctypes.c_int(status), "sytrd")
-        return diagonal, off_diagonal, scales
+        return reflectors, diagonal, off_diagonal, scales
     n = gram.shape[0]
     diagonal = np.empty(n, dtype=gram.dtype)
     off_diagonal = np.empty(max(n - 1, 0), dtype=gram.dtype)
@@ -245,7 +247,7 @@ def reduce_lower(gram: np.ndarray, lwork: int) -> tuple[np.ndarray, np.ndarray, 
         status,
     )
     _check(info, "sytrd")
-    return diagonal, off_diagonal, scales
+    return gram, diagonal, off_diagonal, scales
 
 
 def tridiagonal_eigh(

@@ -87,8 +87,7 @@ def tridiagonalize(gram: np.ndarray) -> Tridiagonal:
     prefix = "d" if gram.dtype == np.float64 else "s"
     workspace = getattr(scipy.linalg.lapack, f"{prefix}syevr_lwork")(size, lower=1)[0]
     lwork = max(int(workspace) - SYEVR_HELD_BACK * size, 1)
-    diagonal, off_diagonal, scales = nogil.reduce_lower(gram, lwork)
-    return Tridiagonal(gram, diagonal, off_diagonal, scales)
+    return Tridiagonal(*nogil.reduce_lower(gram, lwork))
 
 
 def tridiagonal_eigenvalues(reduction: Tridiagonal) -> np.ndarray:
