@@ -248,8 +248,8 @@ class _ProfileSums:
     the widened blocks :func:`form_on_host` made ΔW from (overwriting them),
     the two sides' added entry by entry, and the block's row and column sums
     taken by NumPy (float32; totals in float64; no BLAS, whose threads this
-    reader thread would wake against the engine's), so the pass costs about
-    half a nanosecond per entry and side.
+    reader thread would wake against the engine's), so the pass costs under
+    a nanosecond per entry and side (0.7-0.9 ns measured, one thread).
     """
 
     def __init__(self, shape: tuple[int, int], grids: tuple[str, str]) -> None:
